@@ -1,0 +1,27 @@
+"""Launch test workers under torchrun (gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prism_megatron.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_torchrun(script: str | Path, nproc: int, *args, timeout: int = 600) -> str:
+    """Run ``script`` on ``nproc`` local ranks; return stdout, raise with the output on failure."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(script), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun {script} (nproc={nproc}) failed with code "
+                           f"{proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
+                           f"--- stderr\n{proc.stderr[-8000:]}")
+    return proc.stdout
