@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patches import cpu_rng, cpu_torch, fp32_type_checks, missing_te_symbols
+from megatron_patches import (cpu_rng, cpu_torch, fp32_type_checks, missing_te_symbols,
+                              torch_adam_step)
 
 MEGATRON_CORE_VERSION = "0.16.1"
 
@@ -70,6 +71,7 @@ PATCHES = [
     cpu_rng.use_cpu_rng_for_model_parallel_tracker,
     fp32_type_checks.accept_cpu_fp32_params,
     missing_te_symbols.define_te_general_gemm,
+    torch_adam_step.copy_only_checkpointed_adam_state,
 ]
 
 _applied = False

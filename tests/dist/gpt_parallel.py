@@ -23,7 +23,7 @@ def build(tp_pp_config):
     config = TransformerConfig(
         num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=64, gated_linear_unit=True, activation_func=F.silu,
-        normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0,
+        normalization="RMSNorm", qk_layernorm=True, add_bias_linear=False, hidden_dropout=0.0,
         attention_dropout=0.0, use_cpu_initialization=True, pipeline_dtype=torch.float32,
         tensor_model_parallel_size=tp_pp_config[0], pipeline_model_parallel_size=tp_pp_config[1])
     model = GPTModel(config, get_gpt_layer_local_spec(qk_layernorm=True), vocab_size=128,
@@ -61,7 +61,7 @@ def main():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--init", action="store_true")
     args = p.parse_args()
 
