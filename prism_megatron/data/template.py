@@ -1,0 +1,107 @@
+"""Prompt and response-format constants shared by every PRISM stage.
+
+The PRISM response format (spec §2) is requested by one system prompt and checked by one regex. Both
+live here, once, so SFT data, alignment rollouts, the discriminator and the RLVR reward all agree on
+the exact text. The Qwen3-VL chat template used by the tiny test checkpoints is here as well, because
+the project writes it into model directories (transformers does not ship the template text).
+"""
+
+from __future__ import annotations
+
+import re
+
+# Spec §2.1: helpful scientific assistant, answer from the image, strict XML format; caption = brief
+# bullet description (style, objects, visible text), think = step-by-step reasoning, answer = final
+# answer only. Our own wording of that instruction.
+SYSTEM_PROMPT = (
+    "You are a helpful scientific assistant. Answer the user's question based on the image. "
+    "Strictly follow this XML format in your reply and write nothing outside the tags:\n"
+    "<caption>a brief bullet-point description of the image: its style, the key objects and "
+    "any visible text</caption>\n"
+    "<think>your step-by-step reasoning</think>\n"
+    "<answer>the final answer only</answer>"
+)
+
+FORMAT_TAGS = ("<caption>", "</caption>", "<think>", "</think>", "<answer>", "</answer>")
+
+# Spec §2.2: the whole decoded response (special tokens skipped) must match, DOTALL. Group 1 is the
+# perception segment (caption block with tags), group 2 the reasoning segment (think through answer).
+RESPONSE_FORMAT_RE = re.compile(
+    r"^\s*(<caption>.*?</caption>)\s*(<think>.*?</think>\s*<answer>.*?</answer>)\s*$", re.DOTALL
+)
+
+# Placeholder for an image inside a sharegpt-style string message.
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def format_response(caption: str, think: str, answer: str) -> str:
+    """Join the three segments in the canonical layout: one newline between blocks."""
+    return f"<caption>{caption}</caption>\n<think>{think}</think>\n<answer>{answer}</answer>"
+
+
+def is_format_valid(text: str) -> bool:
+    """True when ``text`` (decoded without special tokens) has the PRISM response format."""
+    return RESPONSE_FORMAT_RE.match(text) is not None
+
+
+# A Jinja chat template equivalent to the one Qwen3-VL-Instruct checkpoints ship: ChatML turns
+# (``<|im_start|>role\n...<|im_end|>\n``), images/videos as vision-start/pad/end triples, an optional
+# tools header in the system turn, tool results folded into a user turn, and
+# ``<|im_start|>assistant\n`` as the generation prompt. No default system message is injected.
+QWEN3_VL_CHAT_TEMPLATE = r"""{%- macro render_text(content) -%}
+{%- if content is string -%}{{ content }}
+{%- elif content is not none -%}{%- for part in content -%}{%- if part.type == 'text' or 'text' in part -%}{{ part.text }}{%- endif -%}{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- set images = namespace(n=0) -%}
+{%- set videos = namespace(n=0) -%}
+{%- set has_system = messages and messages[0].role == 'system' -%}
+{%- if tools -%}
+{{- '<|im_start|>system\n' -}}
+{%- if has_system -%}{{- render_text(messages[0].content) + '\n\n' -}}{%- endif -%}
+{{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" -}}
+{%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}
+{{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" -}}
+{%- elif has_system -%}
+{{- '<|im_start|>system\n' + render_text(messages[0].content) + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+{%- if message.role == 'system' and loop.first -%}
+{%- elif message.role == 'user' or message.role == 'system' -%}
+{{- '<|im_start|>' + message.role + '\n' -}}
+{%- if message.content is string -%}{{- message.content -}}
+{%- else -%}
+{%- for part in message.content -%}
+{%- if part.type == 'image' or 'image' in part or 'image_url' in part -%}
+{%- set images.n = images.n + 1 -%}
+{%- if add_vision_id -%}{{- 'Picture ' + images.n|string + ': ' -}}{%- endif -%}
+{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+{%- elif part.type == 'video' or 'video' in part -%}
+{%- set videos.n = videos.n + 1 -%}
+{%- if add_vision_id -%}{{- 'Video ' + videos.n|string + ': ' -}}{%- endif -%}
+{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
+{%- elif 'text' in part -%}{{- part.text -}}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{{- '<|im_end|>\n' -}}
+{%- elif message.role == 'assistant' -%}
+{{- '<|im_start|>assistant\n' + render_text(message.content) -}}
+{%- if message.tool_calls -%}
+{%- for call in message.tool_calls -%}
+{%- set fn = call.function if call.function is defined else call -%}
+{%- if loop.first and message.content -%}{{- '\n' -}}{%- elif not loop.first -%}{{- '\n' -}}{%- endif -%}
+{{- '<tool_call>\n{"name": "' + fn.name + '", "arguments": ' -}}
+{%- if fn.arguments is string -%}{{- fn.arguments -}}{%- else -%}{{- fn.arguments | tojson -}}{%- endif -%}
+{{- '}\n</tool_call>' -}}
+{%- endfor -%}
+{%- endif -%}
+{{- '<|im_end|>\n' -}}
+{%- elif message.role == 'tool' -%}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+{{- '\n<tool_response>\n' + render_text(message.content) + '\n</tool_response>' -}}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
