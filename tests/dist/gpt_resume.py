@@ -1,6 +1,7 @@
-"""Worker: train the tiny GPT with AdamW + cosine schedule, checkpointing and resuming.
+"""Worker: train the tiny GPT through prism_megatron.trainer.Trainer (AdamW, warmup + cosine),
+checkpointing and resuming.
 
-    torchrun ... gpt_resume.py --init-ckpt DIR --save-dir S --steps N [--save-at K] [--resume]
+    torchrun ... gpt_resume.py --init-ckpt DIR --save-dir S [--save-at K] [--resume] [--tp T]
 Rank 0 prints one JSON line {"losses": {step: loss}} for the steps this process ran.
 """
 
@@ -9,7 +10,15 @@ import json
 
 import torch
 
-from gpt_parallel import batches, build, forward_step
+from gpt_parallel import batches, build
+
+
+def forward(batch, model):
+    from prism_megatron.trainer import token_loss_fn
+
+    tokens, labels = batch["input_ids"], batch["labels"]
+    position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+    return model(tokens, position_ids, None, labels=labels), token_loss_fn(batch["loss_mask"])
 
 
 def main():
@@ -25,48 +34,34 @@ def main():
     args = p.parse_args()
 
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from prism_megatron.checkpoint import find_latest, load_checkpoint, save_checkpoint
-    from prism_megatron.config import OptimizerConfig, ParallelConfig
+    from prism_megatron.config import CheckpointConfig, OptimizerConfig, ParallelConfig
     from prism_megatron.distributed import destroy_distributed, init_distributed
-    from prism_megatron.optim import build_optimizer, wrap_ddp
+    from prism_megatron.trainer import Trainer
 
     init_distributed(tp=args.tp, pp=args.pp, seed=1234)
     config, model = build((args.tp, args.pp))
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.init_ckpt))
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp,
-                              distributed_optimizer=args.distributed_optimizer)
-    ddp_model = wrap_ddp(model, config, parallel)
-    optimizer, scheduler = build_optimizer(
-        [ddp_model], OptimizerConfig(lr=3e-3, warmup_ratio=0.2), parallel, total_steps=args.steps)
-    config.finalize_model_grads_func = finalize_model_grads
-    start = 0
-    if args.resume:
-        start = load_checkpoint(find_latest(args.save_dir), [ddp_model], optimizer,
-                                scheduler)["step"]
+    trainer = Trainer(model, config, OptimizerConfig(lr=3e-3, warmup_ratio=0.2),
+                      ParallelConfig(tp=args.tp, pp=args.pp,
+                                     distributed_optimizer=args.distributed_optimizer),
+                      CheckpointConfig(save_dir=args.save_dir, keep_last=2,
+                                       resume="auto" if args.resume else "none"),
+                      total_steps=args.steps)
+    start = trainer.maybe_resume().get("step", 0)
     data = batches(args.steps, 2, 2, 16)
     for _ in range(start * 2):   # the data stream is a pure function of the step
         next(data)
     losses = {}
     for step in range(start, args.steps):
-        ddp_model.zero_grad_buffer()
-        optimizer.zero_grad()
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=data, model=[ddp_model],
-            num_microbatches=2, seq_length=16, micro_batch_size=2, forward_only=False)
-        optimizer.step()
-        scheduler.step(increment=1)
-        loss = torch.tensor(0.0)
-        if ps.is_pipeline_last_stage():
-            loss = torch.stack([o["loss"] for o in out]).mean()
-        torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
-        losses[step + 1] = loss.item()
+        micro = []
+        for _ in range(2):
+            tokens, labels = next(data)
+            micro.append({"input_ids": tokens, "labels": labels,
+                          "loss_mask": torch.ones_like(labels, dtype=torch.float)})
+        losses[step + 1] = trainer.train_step(micro, forward, seq_length=16)["loss"]
         if step + 1 == args.save_at:
-            save_checkpoint(args.save_dir, step + 1, [ddp_model], optimizer, scheduler,
-                            keep_last=2)
+            trainer.save(step + 1)
     if torch.distributed.get_rank() == 0:
         print(json.dumps({"losses": losses}))
     destroy_distributed()
