@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from prism_megatron.data import synthetic
-from prism_megatron.data.template import RESPONSE_FORMAT_RE, SYSTEM_PROMPT
+from prism_megatron.data.template import SYSTEM_PROMPT
+from prism_megatron.rewards.response import FORMAT_PATTERN
 
 # The format regex exactly as the brief / spec §2.2 states it.
 SPEC_FORMAT = re.compile(r"^\s*<caption>.*?</caption>\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
@@ -141,7 +142,7 @@ def test_response_format(data):
     for split in ("sft_public", "sft_teacher"):
         for row in rows[split]:
             text = row["messages"][-1]["content"]
-            assert SPEC_FORMAT.match(text) and RESPONSE_FORMAT_RE.match(text), text
+            assert SPEC_FORMAT.match(text) and FORMAT_PATTERN.match(text), text
     for row in rows["align"]:
         cap, cot = row["teacher_caption"], row["teacher_cot"]
         assert re.fullmatch(r"<caption>.*</caption>", cap, re.DOTALL)

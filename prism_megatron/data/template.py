@@ -1,14 +1,13 @@
 """Prompt and response-format constants shared by every PRISM stage.
 
-The PRISM response format (spec §2) is requested by one system prompt and checked by one regex. Both
-live here, once, so SFT data, alignment rollouts, the discriminator and the RLVR reward all agree on
-the exact text. The Qwen3-VL chat template used by the tiny test checkpoints is here as well, because
-the project writes it into model directories (transformers does not ship the template text).
+The PRISM response format (spec §2) is requested by one system prompt, which lives here once, so SFT
+data, alignment rollouts and the discriminator all see the same text; the one regex that checks the
+format lives in ``prism_megatron.rewards.response``. The Qwen3-VL chat template used by the tiny
+test checkpoints is here as well, because the project writes it into model directories
+(transformers does not ship the template text).
 """
 
 from __future__ import annotations
-
-import re
 
 # Spec §2.1: helpful scientific assistant, answer from the image, strict XML format; caption = brief
 # bullet description (style, objects, visible text), think = step-by-step reasoning, answer = final
@@ -24,12 +23,6 @@ SYSTEM_PROMPT = (
 
 FORMAT_TAGS = ("<caption>", "</caption>", "<think>", "</think>", "<answer>", "</answer>")
 
-# Spec §2.2: the whole decoded response (special tokens skipped) must match, DOTALL. Group 1 is the
-# perception segment (caption block with tags), group 2 the reasoning segment (think through answer).
-RESPONSE_FORMAT_RE = re.compile(
-    r"^\s*(<caption>.*?</caption>)\s*(<think>.*?</think>\s*<answer>.*?</answer>)\s*$", re.DOTALL
-)
-
 # Placeholder for an image inside a sharegpt-style string message.
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -37,11 +30,6 @@ IMAGE_PLACEHOLDER = "<image>"
 def format_response(caption: str, think: str, answer: str) -> str:
     """Join the three segments in the canonical layout: one newline between blocks."""
     return f"<caption>{caption}</caption>\n<think>{think}</think>\n<answer>{answer}</answer>"
-
-
-def is_format_valid(text: str) -> bool:
-    """True when ``text`` (decoded without special tokens) has the PRISM response format."""
-    return RESPONSE_FORMAT_RE.match(text) is not None
 
 
 # A Jinja chat template equivalent to the one Qwen3-VL-Instruct checkpoints ship: ChatML turns
