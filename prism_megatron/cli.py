@@ -30,6 +30,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "config": Command("prism_megatron.cli:show_config",
                       "print the resolved configuration (defaults <- CONFIG <- key=value)"),
+    "sft": Command("prism_megatron.stages.sft:cli",
+                   "stage 1: supervised fine-tuning of the policy (TP/PP/DP, resumable)"),
     "demo": Command("prism_megatron.demo:cli",
                     "run the tiny CPU pipeline end to end and print its results",
                     takes_config=False),

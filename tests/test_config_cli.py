@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from dist_utils import REPO
 from prism_megatron.cli import main
 from prism_megatron.config import ConfigError, PrismConfig, load_config
 
@@ -45,7 +46,13 @@ def test_cli_prints_resolved_config_and_reports_errors_without_traceback(capsys)
     assert "model.dtyp" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_example_config_is_valid(path):
+    load_config(path)
+
+
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "prism_megatron.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
-    assert "config" in out and "demo" in out
+    assert all(name in out for name in ("config", "demo", "sft"))
