@@ -20,8 +20,12 @@ log = logging.getLogger("prism")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """Our INFO logs on the main rank; megatron's and matplotlib's only from WARNING up (megatron
+    lists every parameter of every gradient bucket at INFO)."""
     logging.basicConfig(level=level if is_main_rank() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("megatron", "matplotlib", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class MetricsLogger:
