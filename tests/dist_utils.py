@@ -12,13 +12,19 @@ from prism_megatron.distributed import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_torchrun(script: str | Path, nproc: int, *args, timeout: int = 600) -> str:
-    """Run ``script`` on ``nproc`` local ranks; return stdout, raise with the output on failure."""
+def torchrun_command(nproc: int, target: list[str]) -> tuple[list[str], dict]:
+    """Command line and environment for ``torchrun --nproc_per_node nproc TARGET...``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(script), *map(str, args)]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
                TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore")
+    return cmd, env
+
+
+def run_torchrun(script: str | Path, nproc: int, *args, timeout: int = 600) -> str:
+    """Run ``script`` on ``nproc`` local ranks; return stdout, raise with the output on failure.
+    ``script`` may be ``"-m"`` followed by a module name in ``args``."""
+    cmd, env = torchrun_command(nproc, [str(script), *map(str, args)])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun {script} (nproc={nproc}) failed with code "
