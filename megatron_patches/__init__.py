@@ -14,6 +14,8 @@ import torch
 
 from megatron_patches import (cpu_rng, cpu_torch, fp32_type_checks, missing_te_symbols,
                               torch_adam_step)
+from megatron_patches import moe_cpu_alltoall_splits
+from megatron_patches import tied_embedding_cpu
 
 MEGATRON_CORE_VERSION = "0.16.1"
 
@@ -72,6 +74,8 @@ PATCHES = [
     fp32_type_checks.accept_cpu_fp32_params,
     missing_te_symbols.define_te_general_gemm,
     torch_adam_step.copy_only_checkpointed_adam_state,
+    moe_cpu_alltoall_splits.split_sizes_as_numpy_on_cpu,
+    tied_embedding_cpu.apply,
 ]
 
 _applied = False
