@@ -80,6 +80,14 @@ class RolloutConfig:
     sglang_tp: int = 1
     sglang_mem_fraction: float = 0.5
     weight_bucket_mb: int = 512
+    server: str = "sglang"             # managed server: sglang | prism (the CPU server, tests/demo)
+    num_servers: int = 1               # managed data-parallel servers (ignored with urls)
+    launch_timeout_s: float = 900.0    # wait for a launched server to answer /health_generate
+    request_timeout_s: float = 600.0
+    max_retries: int = 3               # per request, exponential backoff from 0.5 s
+    restart_on_failure: bool = False   # relaunch a dead managed server instead of failing
+    release_memory_between_phases: bool = False   # release/resume_memory_occupation around training
+    weight_sync: str = "tensor"        # tensor (update_weights_from_tensor) | disk (safetensors dir)
 
 
 @dataclass
@@ -127,6 +135,20 @@ class DiscriminatorConfig:
     aux_loss_coef: float = 0.0         # warm-up uses 0.01 (spec §9.5)
     tp: int = 1
     ep: int = 1
+    pp: int = 1
+    dispatcher: str = "alltoall"       # MoE token dispatcher: alltoall | allgather
+    warmup_aux_loss_coef: float = 0.01  # load-balancing coef of the warm-up stage (spec §3.6, §9.5)
+    eval_interval: int = 0             # warm-up: held-out pairwise accuracy every N steps (0 = end)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out generation + verifiable scoring (``data.eval_files``)."""
+    max_new_tokens: int = 256
+    limit: int = 0                     # rows per file; 0 = all
+    temperature: float = 0.0           # 0 = greedy
+    n: int = 1                         # samples per prompt (pass@n when > 1)
+    batch_size: int = 32
 
 
 @dataclass
@@ -158,6 +180,7 @@ class PrismConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -22,6 +22,7 @@ from prism_megatron.data.collate import collate, pack_greedy, segment_attention_
 from prism_megatron.data.encode import load_processor
 from prism_megatron.data.sampler import ResumableSampler
 from prism_megatron.data.sft import load_sft_samples
+from prism_megatron.eval.heldout import PolicyEvaluator
 from prism_megatron.metrics import MetricsLogger, plot_curves, setup_logging
 from prism_megatron.trainer import Trainer, token_loss_fn
 
@@ -92,16 +93,25 @@ def run(cfg: PrismConfig) -> dict:
             dp_size=ps.get_data_parallel_world_size(), micro_batch_size=cfg.data.micro_batch_size,
             packing=cfg.data.packing, pad_id=processor.tokenizer.pad_token_id,
             position_fn=position_fn)
+        evaluator = PolicyEvaluator(cfg, processor)
         metrics = {}
         with MetricsLogger(cfg.logging.run_dir, total_steps, start, desc="sft",
                            tensorboard=cfg.logging.tensorboard, show=("loss", "lr")) as logger:
+            if start == 0 and evaluator.files:
+                before = evaluator(model, model.hf_config)
+                logger.log(0, before)
+                log.info("before SFT: %s", before)
             for step in range(start + 1, total_steps + 1):
                 batches, seq_length = make_batches(sampler.next_indices(cfg.data.global_batch_size))
                 metrics = trainer.train_step(batches, sft_forward, seq_length)
+                if step == total_steps and evaluator.files:
+                    metrics.update(evaluator(model, model.hf_config))
+                    log.info("after SFT: %s", {k: v for k, v in metrics.items() if "eval" in k})
                 logger.log(step, metrics)
                 if step % cfg.checkpoint.save_interval == 0 or step == total_steps:
                     if cfg.checkpoint.save_dir:
                         trainer.save(step, {"sampler": sampler.state_dict()})
+        evaluator.shutdown()
         if cfg.logging.plots:
             plot_curves(cfg.logging.run_dir, ["loss", "lr", "grad_norm"], "sft_curves.png", "SFT")
         return metrics
