@@ -1,0 +1,514 @@
+"""A CPU server speaking the subset of SGLang's native HTTP API that the rollout client uses.
+
+    python -m prism_megatron.rollout.serve --model-path DIR [--host 127.0.0.1] [--port 30000]
+
+It runs the CPU engine (``local.py``) behind the same endpoints and JSON shapes as
+``python -m sglang.launch_server``, so ``SGLangEngine`` is exercised for real on machines without
+a GPU:
+
+    GET  /health, /health_generate (one greedy token), /get_model_info, /get_server_info
+    POST /generate                      input_ids | text, image_data, sampling_params, return_logprob
+    POST /flush_cache, /release_memory_occupation, /resume_memory_occupation   (no-ops on CPU)
+    POST /update_weights_from_disk      {"model_path": DIR}
+    POST /update_weights_from_tensor    {"serialized_named_tensors": [B64], "load_format":
+                                         "prism_safetensors", "flush_cache": true}
+
+Tensor wire format of this server (SGLang's own pickles CUDA IPC handles, useless on CPU): each
+element of ``serialized_named_tensors`` is the base64 of a safetensors file
+(``safetensors.torch.save({hf_name: tensor})``), one bucket per request; only the first element is
+read (SGLang sends one copy per TP rank). ``load_format`` must be ``"prism_safetensors"``.
+
+Sampling-param differences from SGLang, all documented: ``sampling_seed`` with ``n > 1`` seeds
+sample j with ``derive_seed(sampling_seed, j)`` (distinct samples); ``stop`` strings, penalties
+and ``min_p`` are refused with a 400 rather than ignored.
+
+Concurrency: handler threads parse and validate (images included) and hand jobs to one worker
+thread, which merges the generate jobs queued at that moment into one batch (one forward per
+token for all of them) and runs weight updates between batches, never during one. Malformed
+requests get a 4xx JSON error ``{"object": "error", "message": ..., "code": ...}``, never a
+traceback; SIGTERM/SIGINT finish the running batch and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prism_megatron.rollout.base import (
+    RolloutError, RolloutPrompt, SamplingParams, WeightUpdateError, derive_seed)
+from prism_megatron.rollout.images import (
+    BadImage, expand_image_pads, preprocess_images, tokens_per_image)
+from prism_megatron.rollout.local import GenRequest, LocalEngine
+
+log = logging.getLogger("prism_megatron.rollout.serve")
+
+MAX_BODY_BYTES = 2 << 30          # weight buckets arrive as JSON too
+TENSOR_LOAD_FORMAT = "prism_safetensors"
+
+# sampling_params keys and the only values this server accepts for the ones it does not implement.
+_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "n",
+                  "sampling_seed", "ignore_eos", "skip_special_tokens",
+                  "spaces_between_special_tokens", "no_stop_trim"}
+_NEUTRAL = {"min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+            "repetition_penalty": 1.0, "min_new_tokens": 0, "stop": None}
+# /generate keys that are accepted and ignored (meaningless or fixed on this server).
+_IGNORED_GENERATE_KEYS = {"rid", "logprob_start_len", "return_text_in_logprobs", "modalities",
+                          "lora_path", "custom_logit_processor", "top_logprobs_num"}
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ------------------------------------------------------------------------------ request parsing
+
+def _sampling(sp: Any, where: str, default_max_new: int):
+    """SGLang sampling_params dict -> (SamplingParams, n, sampling_seed)."""
+    if sp is None:
+        sp = {}
+    if not isinstance(sp, dict):
+        raise BadRequest(f"{where}: sampling_params must be a JSON object")
+    for key, neutral in _NEUTRAL.items():
+        if key in sp and sp[key] not in (neutral, [], None):
+            raise BadRequest(f"{where}: sampling_params.{key}={sp[key]!r} is not supported by this "
+                             f"CPU server")
+    unknown = sorted(set(sp) - _SAMPLING_KEYS - set(_NEUTRAL))
+    if unknown:
+        raise BadRequest(f"{where}: unknown sampling_params {unknown}; supported: "
+                         f"{sorted(_SAMPLING_KEYS)}")
+    if sp.get("skip_special_tokens", True) is not True:
+        raise BadRequest(f"{where}: only skip_special_tokens=true is supported")
+    try:
+        n = int(sp.get("n", 1))
+        seed = sp.get("sampling_seed")
+        params = SamplingParams(
+            temperature=float(sp.get("temperature", 1.0)), top_p=float(sp.get("top_p", 1.0)),
+            top_k=int(sp.get("top_k", -1)),
+            max_new_tokens=int(sp.get("max_new_tokens", default_max_new)),
+            stop_token_ids=tuple(int(t) for t in (sp.get("stop_token_ids") or ())),
+            ignore_eos=bool(sp.get("ignore_eos", False)),
+            seed=None if seed is None else int(seed))
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"{where}: bad sampling_params ({e})") from None
+    if n < 1:
+        raise BadRequest(f"{where}: sampling_params.n={n} must be >= 1")
+    return params, n
+
+
+def _as_batch(value: Any, batch: bool, size: int, name: str) -> list:
+    """A per-request field in single or batch form -> one entry per request."""
+    if not batch:
+        return [value]
+    if isinstance(value, list) and len(value) == size:
+        return value
+    if isinstance(value, list) and name == "image_data" and not value:
+        return [None] * size
+    if isinstance(value, (dict, bool)) or value is None:
+        return [value] * size
+    raise BadRequest(f"{name} must be one value or a list with one entry per prompt ({size})")
+
+
+def parse_generate(body: Any, engine, default_max_new: int = 128):
+    """Validate a /generate body; returns (requests, per-request info, batch?)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if body.get("stream"):
+        raise BadRequest("stream=true is not supported by this server")
+    known = {"input_ids", "text", "image_data", "sampling_params", "return_logprob", "stream"}
+    unknown = sorted(set(body) - known - _IGNORED_GENERATE_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown /generate fields {unknown}")
+    if body.get("top_logprobs_num"):
+        raise BadRequest("top_logprobs_num is not supported by this server")
+
+    if body.get("input_ids") is not None:
+        ids = body["input_ids"]
+        batch = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
+        id_lists = ids if batch else [ids]
+    elif body.get("text") is not None:
+        text = body["text"]
+        batch = isinstance(text, list)
+        texts = text if batch else [text]
+        if not all(isinstance(t, str) for t in texts):
+            raise BadRequest("text must be a string or a list of strings")
+        id_lists = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    else:
+        raise BadRequest("missing input_ids (or text)")
+    vocab = engine.model.config.text_config.vocab_size
+    for i, ids in enumerate(id_lists):
+        if not isinstance(ids, list) or not ids or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise BadRequest(f"input_ids[{i}] must be a non-empty list of token ids in [0, {vocab})"
+                             if batch else f"input_ids must be a non-empty list of token ids in "
+                                           f"[0, {vocab})")
+    size = len(id_lists)
+    images = _as_batch(body.get("image_data"), batch, size, "image_data")
+    sps = _as_batch(body.get("sampling_params"), batch, size, "sampling_params")
+    logprob_flags = _as_batch(body.get("return_logprob", False), batch, size, "return_logprob")
+
+    requests, info = [], []
+    for i in range(size):
+        where = f"prompt {i}" if batch else "request"
+        params, n = _sampling(sps[i], where, default_max_new)
+        imgs = images[i]
+        imgs = [] if imgs is None else imgs if isinstance(imgs, list) else [imgs]
+        ids = id_lists[i]
+        pixels = grid = None
+        try:
+            if imgs:
+                pixels, grid = preprocess_images(engine.processor.image_processor, imgs)
+                ids = expand_image_pads(ids, engine.image_token_id,
+                                        tokens_per_image(grid, engine.merge_size))
+            elif engine.image_token_id in ids:
+                raise BadImage("the prompt has image placeholders but image_data is empty")
+        except BadImage as e:
+            raise BadRequest(f"{where}: image_data: {e}") from None
+        seed = params.seed
+        seeds = [None] * n if seed is None else [seed] if n == 1 else [
+            derive_seed(seed, j) for j in range(n)]
+        requests.append(GenRequest(RolloutPrompt(ids, [], pixels, grid), params, seeds))
+        info.append({"return_logprob": bool(logprob_flags[i]), "max_new": params.max_new_tokens})
+    return requests, info, batch
+
+
+def sample_json(sample, return_logprob: bool, max_new: int, latency: float) -> dict:
+    """One sample in SGLang's /generate response shape."""
+    if sample.finish_reason == "stop":
+        finish = {"type": "stop", "matched": sample.token_ids[-1]}
+    else:
+        finish = {"type": "length", "length": max_new}
+    meta = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": sample.prompt_tokens,
+            "completion_tokens": len(sample.token_ids), "cached_tokens": 0,
+            "e2e_latency": latency}
+    if return_logprob:
+        meta["output_token_logprobs"] = [[lp, tok, None]
+                                         for lp, tok in zip(sample.logprobs, sample.token_ids)]
+    return {"text": sample.text, "output_ids": sample.token_ids, "meta_info": meta}
+
+
+def decode_tensor_bucket(body: Any) -> dict:
+    """/update_weights_from_tensor body (this server's format, see the module doc) -> tensors."""
+    from safetensors.torch import load as load_safetensors
+
+    if not isinstance(body, dict) or "serialized_named_tensors" not in body:
+        raise BadRequest("missing serialized_named_tensors")
+    fmt = body.get("load_format")
+    if fmt != TENSOR_LOAD_FORMAT:
+        raise BadRequest(f"load_format={fmt!r}: this CPU server takes load_format="
+                         f"'{TENSOR_LOAD_FORMAT}' (base64 safetensors bytes), not SGLang's "
+                         f"pickled CUDA tensors")
+    blobs = body["serialized_named_tensors"]
+    if not isinstance(blobs, list) or not blobs or not isinstance(blobs[0], str):
+        raise BadRequest("serialized_named_tensors must be a non-empty list of base64 strings")
+    try:
+        return load_safetensors(base64.b64decode(blobs[0], validate=True))
+    except (binascii.Error, ValueError) as e:
+        raise BadRequest(f"serialized_named_tensors[0] is not base64 safetensors data ({e})") from None
+    except Exception as e:  # safetensors raises its own error type for corrupt headers
+        raise BadRequest(f"serialized_named_tensors[0] is not a safetensors file ({e})") from None
+
+
+# ------------------------------------------------------------------------------------- worker
+
+class _Job:
+    def __init__(self, kind: str, payload: Any):
+        self.kind, self.payload, self.future = kind, payload, Future()
+
+
+class BatchWorker:
+    """The one thread that touches the engine: merges queued generate jobs, serialises the rest."""
+
+    def __init__(self, engine, max_rows: int = 256, wait_s: float = 0.005):
+        self.engine, self.max_rows, self.wait_s = engine, max_rows, wait_s
+        self.queue: queue.Queue = queue.Queue()
+        self.weight_version = 0
+        self.thread = threading.Thread(target=self._loop, name="rollout-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, kind: str, payload: Any, timeout: float | None = None):
+        job = _Job(kind, payload)
+        self.queue.put(job)
+        return job.future.result(timeout)
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        held = None
+        while True:
+            job = held or self.queue.get()
+            held = None
+            if job is None:
+                return
+            if job.kind != "generate":
+                self._run_one(job)
+                continue
+            batch, rows = [job], sum(len(r.seeds) for r in job.payload)
+            deadline = time.monotonic() + self.wait_s
+            while rows < self.max_rows:
+                try:
+                    nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None or nxt.kind != "generate":
+                    held = nxt   # run after this batch, in arrival order
+                    break
+                batch.append(nxt)
+                rows += sum(len(r.seeds) for r in nxt.payload)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        requests = [r for job in batch for r in job.payload]
+        try:
+            results = self.engine.run(requests)
+        except Exception as e:  # noqa: BLE001 - reported to the waiting request(s)
+            if len(batch) > 1:   # one bad request must not fail the others merged with it
+                for job in batch:
+                    self._run_batch([job])
+                return
+            log.exception("generation failed")
+            batch[0].future.set_exception(e)
+            return
+        k = 0
+        for job in batch:
+            job.future.set_result(results[k:k + len(job.payload)])
+            k += len(job.payload)
+
+    def _run_one(self, job: _Job) -> None:
+        try:
+            if job.kind == "update_tensor":
+                result = self.engine.update_weights(job.payload.items())
+            elif job.kind == "update_disk":
+                result = self.engine.update_weights_from_disk(job.payload)
+            else:
+                raise ValueError(f"unknown job {job.kind}")
+            self.weight_version += 1
+            job.future.set_result(result)
+        except Exception as e:  # noqa: BLE001
+            job.future.set_exception(e)
+
+
+# ------------------------------------------------------------------------------------ handler
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "prism-rollout/1"
+    protocol_version = "HTTP/1.1"
+    # set by make_server
+    engine = None
+    worker: BatchWorker = None
+    default_max_new = 128
+
+    def log_message(self, fmt, *args):   # route http.server's access log to logging
+        log.debug("%s - %s", self.address_string(), fmt % args)
+
+    # --- responses
+    def _send(self, status: int, payload: Any = None, text: str | None = None) -> None:
+        data = (text if text is not None else json.dumps(payload)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain" if text is not None else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str) -> None:
+        kind = "BadRequestError" if status < 500 else "InternalServerError"
+        self.close_connection = True   # the body may not have been read: do not reuse the socket
+        self._send(status, {"object": "error", "message": message, "type": kind, "param": None,
+                            "code": status})
+
+    def _body(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise BadRequest("missing Content-Length", HTTPStatus.LENGTH_REQUIRED)
+        try:
+            length = int(length)
+        except ValueError:
+            raise BadRequest("bad Content-Length") from None
+        if length > MAX_BODY_BYTES:
+            raise BadRequest(f"request body of {length} bytes is over the {MAX_BODY_BYTES} limit",
+                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        raw = self.rfile.read(length) if length else b""
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"malformed JSON body: {e}") from None
+
+    # --- dispatch
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        route = ROUTES.get(path)
+        try:
+            body = self._body() if method == "POST" else {}
+            if route is None:
+                raise BadRequest(f"unknown endpoint {path}", HTTPStatus.NOT_FOUND)
+            route(self, body)
+        except BadRequest as e:
+            self._error(int(e.status), str(e))
+        except RolloutError as e:   # the engine refused the input (e.g. video tokens)
+            self._error(400, str(e))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # noqa: BLE001 - the client gets a message, the log the traceback
+            log.exception("%s %s failed", method, path)
+            try:
+                self._error(500, f"internal error: {type(e).__name__}: {e}")
+            except OSError:
+                pass
+
+    # --- endpoints
+    def health(self, body):
+        self._send(200, text="")
+
+    def health_generate(self, body):
+        probe = GenRequest(RolloutPrompt([self.engine.stop_ids[0] if self.engine.stop_ids else 0]),
+                           SamplingParams(temperature=0, max_new_tokens=1), [None])
+        self.worker.submit("generate", [probe])
+        self._send(200, text="")
+
+    def generate(self, body):
+        t0 = time.time()
+        requests, info, batch = parse_generate(body, self.engine, self.default_max_new)
+        results = self.worker.submit("generate", requests)
+        latency = time.time() - t0
+        out = [sample_json(s, i["return_logprob"], i["max_new"], latency)
+               for samples, i in zip(results, info) for s in samples]
+        single = not batch and len(out) == 1
+        self._send(200, out[0] if single else out)
+
+    def flush_cache(self, body):
+        self._send(200, text="Cache flushed.\n")
+
+    def noop_success(self, body):
+        self._send(200, {"success": True, "message": "no-op on the CPU server"})
+
+    def model_info(self, body):
+        self._send(200, {"model_path": self.engine.model_path, "tokenizer_path": self.engine.model_path,
+                         "is_generation": True, "preferred_sampling_params": None,
+                         "weight_version": str(self.worker.weight_version)})
+
+    def server_info(self, body):
+        self._send(200, {"engine": "prism-cpu", "model_path": self.engine.model_path,
+                         "max_batch_rows": self.worker.max_rows, "version": self.server_version})
+
+    def update_disk(self, body):
+        path = body.get("model_path") if isinstance(body, dict) else None
+        if not isinstance(path, str) or not path:
+            raise BadRequest("missing model_path")
+        if not Path(path).is_dir():
+            self._send(400, {"success": False, "message": f"model_path {path} is not a directory"})
+            return
+        try:
+            self.worker.submit("update_disk", path)
+        except WeightUpdateError as e:
+            self._send(400, {"success": False, "message": str(e)})
+            return
+        self._send(200, {"success": True, "message": "Succeeded to update model weights.",
+                         "num_paused_requests": 0})
+
+    def update_tensor(self, body):
+        tensors = decode_tensor_bucket(body)
+        try:
+            count = self.worker.submit("update_tensor", tensors)
+        except WeightUpdateError as e:
+            self._send(400, {"success": False, "message": str(e)})
+            return
+        self._send(200, {"success": True, "message": f"Succeeded to update {count} tensors."})
+
+
+ROUTES = {
+    "/health": Handler.health,
+    "/health_generate": Handler.health_generate,
+    "/generate": Handler.generate,
+    "/flush_cache": Handler.flush_cache,
+    "/release_memory_occupation": Handler.noop_success,
+    "/resume_memory_occupation": Handler.noop_success,
+    "/get_model_info": Handler.model_info,
+    "/get_server_info": Handler.server_info,
+    "/update_weights_from_disk": Handler.update_disk,
+    "/update_weights_from_tensor": Handler.update_tensor,
+}
+
+
+def make_server(engine, host: str, port: int, max_rows: int = 256, batch_wait_ms: float = 5.0,
+                default_max_new: int = 128) -> tuple[ThreadingHTTPServer, BatchWorker]:
+    worker = BatchWorker(engine, max_rows, batch_wait_ms / 1000)
+    handler = type("BoundHandler", (Handler,), {"engine": engine, "worker": worker,
+                                                "default_max_new": default_max_new})
+    httpd = ThreadingHTTPServer((host, port), handler)
+    httpd.daemon_threads = True
+    return httpd, worker
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prism_megatron.rollout.serve",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", required=True, help="HF Qwen3-VL directory")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--max-batch-rows", type=int, default=256,
+                        help="most sequences decoded together")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="how long the worker waits for more requests to batch")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [rollout-serve] %(message)s")
+
+    try:
+        engine = LocalEngine(args.model_path, dtype=args.dtype, max_batch_rows=args.max_batch_rows,
+                             num_threads=args.num_threads)
+    except (RolloutError, OSError, ValueError) as e:
+        log.error("cannot load %s: %s", args.model_path, e)
+        return 2
+    try:
+        httpd, worker = make_server(engine, args.host, args.port, args.max_batch_rows,
+                                    args.batch_wait_ms)
+    except OSError as e:
+        log.error("cannot listen on %s:%s: %s", args.host, args.port, e)
+        return 2
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server_thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
+    server_thread.start()
+    log.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
+    stop.wait()
+    log.info("shutting down")
+    httpd.shutdown()      # stop accepting; in-flight handlers finish with the worker
+    worker.stop()
+    httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

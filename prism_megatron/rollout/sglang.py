@@ -1,0 +1,479 @@
+"""``SGLangEngine``: the rollout client for SGLang servers (and for the CPU server, ``serve.py``).
+
+It either launches servers as managed subprocesses (``python -m sglang.launch_server`` on GPUs,
+``python -m prism_megatron.rollout.serve`` on CPU: ``server="sglang" | "prism"``, or any
+``launch_command``) and waits until ``/health_generate`` answers, or attaches to running ones
+(``urls``; an sglang-router URL counts as one server). Several servers are used data-parallel:
+prompts are spread round-robin, weight updates go to all of them.
+
+Requests use SGLang's native API. One ``/generate`` call per prompt carries its ``n`` samples in
+batch form (the same ``input_ids`` / images ``n`` times) so that every sample can have its own
+``sampling_seed`` (``derive_seed(seed, prompt_index, j)``, the CPU engine's seeds: both engines
+draw the same samples for the same seed). Image pads are collapsed to one per image, as vLLM and
+verl send them; the server expands them again from its own preprocessing, and a different
+expanded prompt length is reported (the trainer would then see other image tokens).
+
+Failures: connection errors, timeouts and 5xx are retried with exponential backoff; then a
+managed server that died is relaunched when ``restart_on_failure`` is set (weights loaded from
+disk are re-applied; tensor-pushed weights cannot be, which is an error), otherwise a
+``RolloutServerError`` names the URL, the cause and the server's log. 4xx answers raise
+``RolloutRequestError`` with the server's message at once.
+
+Weight updates: ``update_weights_from_disk(dir)``, or ``update_weights(bucket)`` through
+``/update_weights_from_tensor`` in SGLang's format (its ``MultiprocessingSerializer``; CUDA
+tensors of a colocated trainer) or the CPU server's (base64 safetensors, see ``serve.py``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import http.client
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prism_megatron.rollout.base import (
+    RolloutEngine, RolloutError, RolloutPrompt, RolloutRequestError, RolloutServerError, Sample,
+    SamplingParams, WeightUpdateError, sample_seeds)
+from prism_megatron.rollout.images import collapse_image_pads, image_to_data_url
+
+log = logging.getLogger(__name__)
+
+SERVER_MODULES = {"sglang": "sglang.launch_server", "prism": "prism_megatron.rollout.serve"}
+_RETRYABLE = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout,
+              http.client.HTTPException)
+
+
+@dataclass
+class _Server:
+    url: str
+    command: list[str] | None = None        # None: attached, not ours to start or stop
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def managed(self) -> bool:
+        return self.command is not None
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def log_tail(self, lines: int = 20) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join(text)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error_message(raw: bytes) -> str:
+    """The human part of an error body (SGLang: {"message"} / {"error": {"message"}} / text)."""
+    text = raw.decode(errors="replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:500] or "(empty body)"
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        for key in ("message", "detail", "error"):
+            if key in data:
+                return str(data[key])
+    return text[:500]
+
+
+class SGLangEngine(RolloutEngine):
+    """Rollouts through SGLang's native HTTP API (managed or attached servers)."""
+
+    def __init__(self, *, urls: Sequence[str] = (), model_path: str | Path | None = None,
+                 server: str = "sglang", num_servers: int = 1, tp: int = 1,
+                 mem_fraction: float = 0.5, launch_command: Callable[[int, int], list[str]] | None = None,
+                 extra_server_args: Sequence[str] = (), launch_timeout_s: float = 900.0,
+                 request_timeout_s: float = 600.0, max_retries: int = 3, backoff_s: float = 0.5,
+                 restart_on_failure: bool = False, release_memory_between_phases: bool = False,
+                 max_concurrency: int = 64, image_token_id: int | None = None,
+                 wire_format: str | None = None, log_dir: str | Path | None = None,
+                 env: dict[str, str] | None = None):
+        self.tp, self.mem_fraction = tp, mem_fraction
+        self.request_timeout_s, self.max_retries, self.backoff_s = request_timeout_s, max_retries, backoff_s
+        self.restart_on_failure = restart_on_failure
+        self.release_between_phases = release_memory_between_phases
+        self.max_concurrency = max_concurrency
+        self.launch_timeout_s = launch_timeout_s
+        self.model_path = str(model_path) if model_path else None
+        self.env = env
+        self._rr = 0
+        self._weights: tuple[str, str | None] = ("initial", None)   # what a restart must restore
+        self._warned_prompt_len = False
+        self._closed = False
+        if image_token_id is None and model_path:
+            image_token_id = _config_image_token(Path(model_path))
+        self.image_token_id = image_token_id
+
+        if urls:
+            self.servers = [_Server(u.rstrip("/")) for u in urls]
+            self.wire_format = wire_format or self._detect_wire_format()
+            return
+        if not model_path:
+            raise RolloutError("SGLangEngine needs urls of running servers or a model_path to launch")
+        if launch_command is None:
+            if server not in SERVER_MODULES:
+                raise RolloutError(f"server={server!r} is not one of {sorted(SERVER_MODULES)}")
+            if server == "sglang" and importlib.util.find_spec("sglang") is None:
+                raise RolloutError(
+                    "rollout.engine=sglang needs the sglang package, which is not installed "
+                    "(GPU only): pip install -r requirements-gpu.txt, or set rollout.urls to "
+                    "running servers, or use rollout.engine=local on CPU")
+            launch_command = self._default_command(server, list(extra_server_args))
+        self.wire_format = wire_format or ("prism" if server == "prism" else "sglang")
+        self._log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="rollout-servers-"))
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        self.servers = []
+        for k in range(num_servers):
+            port = _free_port()
+            self.servers.append(_Server(f"http://127.0.0.1:{port}", launch_command(k, port),
+                                        log_path=self._log_dir / f"server{k}-{port}.log"))
+        atexit.register(self.shutdown)
+        try:
+            for s in self.servers:
+                self._start(s)
+            for s in self.servers:
+                self._wait_ready(s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------------ server processes
+    def _default_command(self, server: str, extra: list[str]) -> Callable[[int, int], list[str]]:
+        module = SERVER_MODULES[server]
+
+        def command(k: int, port: int) -> list[str]:
+            cmd = [sys.executable, "-m", module, "--model-path", self.model_path,
+                   "--host", "127.0.0.1", "--port", str(port)]
+            if server == "sglang":
+                cmd += ["--tp-size", str(self.tp), "--mem-fraction-static", str(self.mem_fraction),
+                        "--base-gpu-id", str(k * self.tp)]
+                if self.release_between_phases:
+                    cmd.append("--enable-memory-saver")
+            return cmd + extra
+
+        return command
+
+    def _start(self, s: _Server) -> None:
+        log.info("launching rollout server: %s (log: %s)", " ".join(s.command), s.log_path)
+        with open(s.log_path, "ab") as logf:
+            s.proc = subprocess.Popen(s.command, stdout=logf, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True,
+                                      env={**os.environ, **(self.env or {})})
+
+    def _wait_ready(self, s: _Server) -> None:
+        t0, last_note = time.monotonic(), 0.0
+        while True:
+            code = s.exit_code()
+            if code is not None:
+                raise RolloutServerError(f"rollout server {s.url} exited with code {code} while "
+                                         f"starting; last log lines ({s.log_path}):\n{s.log_tail()}")
+            try:
+                self._http(s.url + "/health_generate", None, timeout=30, method="GET")
+                log.info("rollout server %s ready after %.1fs", s.url, time.monotonic() - t0)
+                return
+            except RolloutRequestError:
+                raise
+            except (RolloutServerError, *_RETRYABLE):
+                pass
+            waited = time.monotonic() - t0
+            if waited > self.launch_timeout_s:
+                self._stop(s)
+                raise RolloutServerError(f"rollout server {s.url} did not become healthy within "
+                                         f"{self.launch_timeout_s:.0f}s; log ({s.log_path}):\n"
+                                         f"{s.log_tail()}")
+            if waited - last_note >= 15:
+                log.info("waiting for rollout server %s (%.0fs)", s.url, waited)
+                last_note = waited
+            time.sleep(0.25)
+
+    def _stop(self, s: _Server, timeout: float = 30.0) -> None:
+        if s.proc is None or s.proc.poll() is not None:
+            return
+        try:  # the server's own process group: SGLang spawns scheduler/detokenizer children
+            os.killpg(s.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            s.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(s.proc.pid, signal.SIGKILL)
+            s.proc.wait()
+
+    def _restart(self, s: _Server) -> None:
+        log.warning("restarting rollout server %s (exit code %s)", s.url, s.exit_code())
+        self._stop(s)
+        self._start(s)
+        self._wait_ready(s)
+        kind, path = self._weights
+        if kind == "disk":
+            self._post(s, "/update_weights_from_disk", {"model_path": path}, retry=False)
+        elif kind == "tensor":
+            raise RolloutServerError(
+                f"rollout server {s.url} was restarted, but the weights pushed to it with "
+                f"update_weights (tensors) are lost; sync the weights again before generating")
+
+    # ---------------------------------------------------------------------------------- HTTP
+    def _http(self, url: str, payload: Any, timeout: float, method: str = "POST") -> Any:
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            message = _error_message(e.read())
+            if 400 <= e.code < 500:
+                raise RolloutRequestError(f"{url} rejected the request (HTTP {e.code}): "
+                                          f"{message}") from None
+            raise RolloutServerError(f"{url} failed (HTTP {e.code}): {message}") from None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw.decode(errors="replace")
+
+    def _post(self, s: _Server, path: str, payload: Any, *, retry: bool = True,
+              method: str = "POST") -> Any:
+        """One call with retries/backoff; then restart (if configured) or a clear error."""
+        attempts = self.max_retries + 1 if retry else 1
+        last = ""
+        for attempt in range(attempts):
+            try:
+                return self._http(s.url + path, payload, self.request_timeout_s, method)
+            except RolloutRequestError:
+                raise
+            except (RolloutServerError, *_RETRYABLE) as e:
+                last = str(getattr(e, "reason", None) or e) or type(e).__name__
+            if s.exit_code() is not None:
+                break   # the process is gone: waiting longer will not help
+            if attempt + 1 < attempts:
+                time.sleep(self.backoff_s * 2 ** attempt)
+        if s.managed and self.restart_on_failure and not self._closed:
+            with s.lock:
+                if s.exit_code() is not None or not self._alive(s):
+                    self._restart(s)
+            try:
+                return self._http(s.url + path, payload, self.request_timeout_s, method)
+            except _RETRYABLE as e:
+                raise RolloutServerError(f"rollout server {s.url} fails {path} even after a "
+                                         f"restart: {e}; log: {s.log_path}") from None
+        detail = f"; its process exited with code {s.exit_code()}" if s.exit_code() is not None else ""
+        tail = s.log_tail()
+        raise RolloutServerError(
+            f"rollout server {s.url} is not responding to {path}: {last} (after {attempts} "
+            f"attempt(s){detail})" + (f"\nlast log lines ({s.log_path}):\n{tail}" if tail else ""))
+
+    def _alive(self, s: _Server) -> bool:
+        try:
+            self._http(s.url + "/health", None, timeout=5, method="GET")
+            return True
+        except (RolloutError, *_RETRYABLE):
+            return False
+
+    def _detect_wire_format(self) -> str:
+        """CPU server or real SGLang? (Only matters for update_weights from tensors.)"""
+        try:
+            info = self._http(self.servers[0].url + "/get_server_info", None, timeout=30, method="GET")
+        except (RolloutError, *_RETRYABLE):
+            return "sglang"
+        return "prism" if isinstance(info, dict) and info.get("engine") == "prism-cpu" else "sglang"
+
+    # ---------------------------------------------------------------------------- generation
+    def generate(self, prompts: Sequence[RolloutPrompt], params: SamplingParams,
+                 n: int = 1) -> list[list[Sample]]:
+        if n < 1:
+            raise ValueError(f"n={n} must be >= 1")
+        if not prompts:
+            return []
+        base = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                "max_new_tokens": params.max_new_tokens}
+        if params.stop_token_ids:
+            base["stop_token_ids"] = list(params.stop_token_ids)
+        if params.ignore_eos:
+            base["ignore_eos"] = True
+        start, self._rr = self._rr, self._rr + len(prompts)
+        jobs = []
+        for i, prompt in enumerate(prompts):
+            seeds = sample_seeds(params, i, n)
+            sps = [base if s is None else {**base, "sampling_seed": s} for s in seeds]
+            jobs.append((self.servers[(start + i) % len(self.servers)], prompt, sps))
+        workers = max(1, min(self.max_concurrency, len(jobs)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="rollout-client") as pool:
+            futures = [pool.submit(self._generate_one, *job) for job in jobs]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    def _generate_one(self, s: _Server, prompt: RolloutPrompt, sps: list[dict]) -> list[Sample]:
+        ids = prompt.input_ids
+        if prompt.images:
+            if self.image_token_id is not None:
+                ids = collapse_image_pads(ids, self.image_token_id)
+            images = [image_to_data_url(x) for x in prompt.images]
+        elif prompt.pixel_values is not None:
+            raise RolloutError("SGLangEngine sends raw images: build RolloutPrompt with images=[...] "
+                               "(pixel_values alone cannot be sent to a server)")
+        else:
+            images = None
+        n = len(sps)
+        payload = {"input_ids": [ids] * n, "sampling_params": sps, "return_logprob": True}
+        if images:
+            payload["image_data"] = [images] * n
+        out = self._post(s, "/generate", payload)
+        if isinstance(out, dict):
+            out = [out]
+        if not isinstance(out, list) or len(out) != n:
+            raise RolloutServerError(f"{s.url}/generate returned {type(out).__name__} "
+                                     f"{'of length ' + str(len(out)) if isinstance(out, list) else ''}"
+                                     f" for {n} samples")
+        return [self._to_sample(s, o, len(prompt.input_ids)) for o in out]
+
+    def _to_sample(self, s: _Server, out: dict, prompt_len: int) -> Sample:
+        meta = out.get("meta_info", {})
+        finish = meta.get("finish_reason") or {}
+        kind = finish.get("type") if isinstance(finish, dict) else finish
+        if kind not in ("stop", "length"):
+            raise RolloutServerError(f"{s.url}/generate: sample finished with {finish!r}")
+        lps = meta.get("output_token_logprobs")
+        if lps is None:
+            raise RolloutServerError(f"{s.url}/generate returned no output_token_logprobs")
+        ids = out.get("output_ids")
+        if ids is None:
+            ids = [int(t) for _, t, *_ in lps]
+        if len(ids) != len(lps):
+            raise RolloutServerError(f"{s.url}/generate: {len(ids)} tokens but {len(lps)} log-probs")
+        prompt_tokens = int(meta.get("prompt_tokens", prompt_len))
+        if prompt_tokens != prompt_len and not self._warned_prompt_len:
+            self._warned_prompt_len = True
+            log.warning("the server expanded a prompt to %d tokens, the trainer's prompt has %d: its "
+                        "image preprocessing (min/max pixels) differs from data.min/max_pixels, so the "
+                        "trainer would score other image tokens", prompt_tokens, prompt_len)
+        return Sample([int(t) for t in ids], [float(lp[0]) for lp in lps], out.get("text", ""),
+                      kind, prompt_tokens)
+
+    # ------------------------------------------------------------------------------- weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        if not items:
+            return 0
+        if self.wire_format == "prism":
+            payload = {"serialized_named_tensors": [_safetensors_b64(items)],
+                       "load_format": "prism_safetensors", "flush_cache": True}
+        else:
+            payload = {"serialized_named_tensors": [_sglang_serialize(items)] * self.tp,
+                       "load_format": None, "flush_cache": True}
+        for s in self.servers:
+            self._check_update(s, "/update_weights_from_tensor", payload)
+        self._weights = ("tensor", None)
+        return len(items)
+
+    def update_weights_from_disk(self, model_path: str | Path) -> None:
+        path = str(Path(model_path).resolve())
+        for s in self.servers:
+            self._check_update(s, "/update_weights_from_disk", {"model_path": path})
+        self._weights = ("disk", path)
+
+    def _check_update(self, s: _Server, path: str, payload: dict) -> None:
+        try:
+            out = self._post(s, path, payload)
+        except RolloutRequestError as e:
+            raise WeightUpdateError(str(e)) from None
+        if isinstance(out, dict) and out.get("success") is False:
+            raise WeightUpdateError(f"{s.url}{path}: {out.get('message')}")
+
+    # ---------------------------------------------------------------------------------- misc
+    def flush_cache(self) -> None:
+        for s in self.servers:
+            self._post(s, "/flush_cache", {})
+
+    def release_memory(self) -> None:
+        if self.release_between_phases:
+            for s in self.servers:
+                self._post(s, "/release_memory_occupation", {})
+
+    def resume_memory(self) -> None:
+        if self.release_between_phases:
+            for s in self.servers:
+                self._post(s, "/resume_memory_occupation", {})
+
+    def health(self) -> dict:
+        report = []
+        for s in self.servers:
+            try:
+                self._http(s.url + "/health_generate", None, timeout=60, method="GET")
+                report.append({"url": s.url, "ok": True})
+            except (RolloutError, *_RETRYABLE) as e:
+                report.append({"url": s.url, "ok": False, "error": str(e),
+                               "exit_code": s.exit_code()})
+        return {"ok": all(r["ok"] for r in report), "engine": "sglang", "servers": report}
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for s in getattr(self, "servers", []):
+            if s.managed:
+                self._stop(s)
+
+
+def _config_image_token(model_dir: Path) -> int | None:
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("image_token_id")
+    except (OSError, ValueError):
+        return None
+
+
+def _safetensors_b64(items: list[tuple[str, torch.Tensor]]) -> str:
+    from safetensors.torch import save
+
+    # clone: safetensors refuses tensors sharing storage (views of a fused Megatron tensor)
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in items}
+    return base64.b64encode(save(tensors)).decode("ascii")
+
+
+def _sglang_serialize(items: list[tuple[str, torch.Tensor]]) -> str:
+    try:
+        from sglang.srt.utils import MultiprocessingSerializer
+    except ImportError:
+        try:
+            from sglang.srt.utils.common import MultiprocessingSerializer
+        except ImportError:
+            raise RolloutError("pushing tensors to a real SGLang server needs the sglang package "
+                               "in the trainer (pip install -r requirements-gpu.txt), or use "
+                               "rollout.weight_sync=disk") from None
+    return MultiprocessingSerializer.serialize(items, output_str=True)
