@@ -13,6 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from prism_megatron.convert.errors import ConversionError
+from prism_megatron.convert.layout import padded_vocab_size, stage_layer_counts  # noqa: F401 (re-export)
+
 SPECS = ("local", "transformer_engine")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
@@ -72,26 +75,13 @@ def mrope_section(hf) -> list[int]:
     return list(rope.get("mrope_section") or [24, 20, 20])  # transformers' default
 
 
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron's rule: the embedding rows round up to a multiple of ``divisible_by * TP``."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
 def pipeline_split(num_layers: int, pp: int, pp_layers: list[int] | None = None) -> list[int]:
-    """Decoder layers per pipeline stage (even by default; ``pp_layers`` gives each stage)."""
-    if num_layers < pp:
-        raise Qwen3VLConfigError(f"{num_layers} decoder layers cannot fill pp={pp} stages")
-    if pp_layers is None:
-        if num_layers % pp:
-            raise Qwen3VLConfigError(f"{num_layers} decoder layers do not split evenly over pp={pp} "
-                                     f"stages; give parallel.pp_layers (one count per stage)")
-        return [num_layers // pp] * pp
-    counts = [int(n) for n in pp_layers]
-    if len(counts) != pp or sum(counts) != num_layers or min(counts) < 1:
-        raise Qwen3VLConfigError(f"pp_layers {counts} must list pp={pp} stages of >= 1 layer "
-                                 f"summing to the model's {num_layers} decoder layers")
-    return counts
+    """Decoder layers per pipeline stage: the converter's rule (one implementation), raised as
+    this module's error."""
+    try:
+        return stage_layer_counts(num_layers, pp, pp_layers)
+    except ConversionError as exc:
+        raise Qwen3VLConfigError(str(exc)) from None
 
 
 def _uneven_split_fields(counts: list[int]) -> dict:
