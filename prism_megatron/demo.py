@@ -100,7 +100,7 @@ def summarise(model_dir: Path, data_dir: Path) -> None:
         print(f"  [{message['role']}] {message['content']}")
 
 
-def run(out: Path, preset: str = "tiny", seed: int = 0, sft_steps: int = 150) -> None:
+def run(out: Path, preset: str = "tiny", seed: int = 0, sft_steps: int = 200) -> None:
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     print(f"== PRISM tiny demo -> {out}")
@@ -126,7 +126,7 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     parser.add_argument("--preset", default="tiny", help="tiny model preset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--sft-steps", type=int, default=200)
     args = parser.parse_args(argv)
     run(args.out, args.preset, args.seed, args.sft_steps)
 
