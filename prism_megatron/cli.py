@@ -14,9 +14,10 @@ import sys
 from dataclasses import dataclass
 
 from prism_megatron.config import ConfigError, load_config, to_yaml
+from prism_megatron.errors import PrismError
 
 
-class UserError(Exception):
+class UserError(PrismError):
     """An error the user can fix (bad input, config or environment): printed without a trace."""
 
 
@@ -32,6 +33,9 @@ COMMANDS: dict[str, Command] = {
                       "print the resolved configuration (defaults <- CONFIG <- key=value)"),
     "sft": Command("prism_megatron.stages.sft:cli",
                    "stage 1: supervised fine-tuning of the policy (TP/PP/DP, resumable)"),
+    "warmup": Command("prism_megatron.stages.discriminator_warmup:cli",
+                      "discriminator warm-up: pairwise teacher-vs-student training of the MoE "
+                      "discriminator (EP/DP/PP, resumable)"),
     "demo": Command("prism_megatron.demo:cli",
                     "run the tiny CPU pipeline end to end and print its results",
                     takes_config=False),
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             handler(args, _split_config(args))
         else:
             handler(args.rest)
-    except (ConfigError, UserError, FileNotFoundError, FileExistsError) as exc:
+    except (PrismError, FileNotFoundError, FileExistsError) as exc:
         print(f"prism {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

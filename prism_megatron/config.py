@@ -13,8 +13,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from prism_megatron.errors import PrismError
 
-class ConfigError(ValueError):
+
+class ConfigError(PrismError, ValueError):
     """A config file or override that cannot be used; the message names the key and value."""
 
 

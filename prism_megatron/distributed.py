@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from prism_megatron.errors import PrismError
 
-class ParallelConfigError(ValueError):
+
+class ParallelConfigError(PrismError, ValueError):
     """The requested parallel layout does not fit the world size or the model."""
 
 

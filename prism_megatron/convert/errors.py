@@ -6,8 +6,10 @@ is reported as such (with ``--debug`` showing the traceback).
 
 from __future__ import annotations
 
+from prism_megatron.errors import PrismError
 
-class ConversionError(Exception):
+
+class ConversionError(PrismError, ValueError):
     """A checkpoint, config or option that cannot be converted; the message says why and how."""
 
 

@@ -35,8 +35,10 @@ from typing import Any
 
 import torch
 
+from prism_megatron.errors import PrismError
 
-class RolloutError(RuntimeError):
+
+class RolloutError(PrismError, RuntimeError):
     """A rollout request or engine that cannot work; the message says what to change."""
 
 

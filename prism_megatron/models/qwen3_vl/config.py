@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from prism_megatron.convert.errors import ConversionError
 from prism_megatron.convert.layout import padded_vocab_size, stage_layer_counts  # noqa: F401 (re-export)
+from prism_megatron.errors import PrismError
 
 SPECS = ("local", "transformer_engine")
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -23,7 +24,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16}
 
 
-class Qwen3VLConfigError(ValueError):
+class Qwen3VLConfigError(PrismError, ValueError):
     """The HF config or the requested layout cannot be built; the message says what to change."""
 
 
