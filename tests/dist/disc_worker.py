@@ -1,0 +1,155 @@
+"""Worker for the discriminator's multi-process tests (CPU, gloo).
+
+    torchrun --nproc_per_node N tests/dist/disc_worker.py ep --ckpt C --hf H --pairs P --ep E --out O
+        Forward/backward of a fixed 16-sequence batch (4 pairs) in both routing modes (and with
+        the allgather token dispatcher) at expert parallelism E. With one process the two halves of the batch run as two micro-batches,
+        with two each rank runs one half (data parallel), so EP2 sees exactly EP1's tokens.
+        Writes O.rank<r>.pt: scores and gradients (dense ones summed over data-parallel ranks,
+        expert ones under their GLOBAL expert index).
+    torchrun --nproc_per_node 2 tests/dist/disc_worker.py ep,nodeadlock ...
+        Then two warm-up Trainer steps at DP2 (x EP2): rank 0's micro-batch has no valid pair
+        (then no rank has one); writes O.nodeadlock.rank<r>.json.
+"""
+
+import argparse
+import dataclasses
+import json
+import re
+
+import torch
+import torch.distributed as dist
+
+
+def setup(args, ep: int):
+    from megatron.core import parallel_state as ps
+
+    from prism_megatron.data.encode import load_processor
+    from prism_megatron.distributed import init_distributed
+    from prism_megatron.models.discriminator.pairs import load_pairs
+
+    if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() != ep:
+        init_distributed(tp=1, pp=1, ep=ep, seed=0)
+    processor = load_processor(args.hf)
+    pairs, _ = load_pairs([args.pairs], processor)
+    return processor, pairs[:4]
+
+
+def build(args, routing: str, dispatcher: str = "alltoall"):
+    from prism_megatron.models.discriminator.model import (
+        build_discriminator_from_config, load_discriminator, read_info)
+
+    hf, info = read_info(args.ckpt)
+    model, config = build_discriminator_from_config(
+        hf, num_experts=info["num_experts"], top_k=info["top_k"], expert_routing=routing,
+        padded_vocab_size=info["padded_vocab_size"], dispatcher=dispatcher)
+    load_discriminator(model, args.ckpt)
+    return model, config
+
+
+def global_name(name: str, ep_rank: int, local_experts: int) -> str:
+    match = re.search(r"local_experts\.(\d+)\.", name)
+    if not match:
+        return name
+    index = ep_rank * local_experts + int(match.group(1))
+    return name[:match.start(1)] + str(index) + name[match.end(1):]
+
+
+def run_ep(args):
+    from megatron.core import parallel_state as ps
+
+    from prism_megatron.models.discriminator.batching import collate_sequences, read_scores
+    from prism_megatron.models.discriminator.segments import pair_sequences
+
+    processor, pairs = setup(args, args.ep)
+    seqs = [s for p in pairs for s in pair_sequences(p.prompt, p.teacher, p.student).values()]
+    halves = [seqs[:8], seqs[8:]]
+    length = max(len(s.input_ids) for s in seqs) + 3   # some padding in every row
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = [0, 1] if world == 1 else [rank]
+    weights = torch.linspace(-1.0, 1.5, 16).view(2, 8)
+    result = {}
+    for variant in ("learned", "segment", "learned-allgather"):
+        routing, _, dispatcher = variant.partition("-")
+        model, config = build(args, routing, dispatcher or "alltoall")
+        model.train()
+        model.set_aux_loss(0.01)
+        model.set_step_aux_scale(1.0)
+        scores = []
+        for half in mine:
+            batch = collate_sequences(halves[half], pad_id=processor.tokenizer.pad_token_id,
+                                      position_fn=model.position_fn, length=length)
+            values = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           attention_mask=batch["attention_mask"], kind=batch["kind"],
+                           valid_tokens=batch["valid_tokens"], pixel_values=batch["pixel_values"],
+                           image_grid_thw=batch["image_grid_thw"])
+            s = read_scores(values, batch["score_index"])
+            (s * weights[half]).sum().backward()
+            scores.append(s.detach())
+        local_experts = config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+        grads = {}
+        for name, param in model.named_parameters():
+            grad = param.grad.detach().clone()
+            if "local_experts" not in name:
+                dist.all_reduce(grad, group=ps.get_data_parallel_group())
+            grads[global_name(name, ps.get_expert_model_parallel_rank(), local_experts)] = grad
+        result[variant] = {"scores": torch.cat(scores), "grads": grads,
+                           "load": model.take_load()}
+    torch.save(result, f"{args.out}.rank{rank}.pt")
+
+
+def run_nodeadlock(args):
+    from megatron.core import parallel_state as ps
+
+    from prism_megatron.config import CheckpointConfig, OptimizerConfig, ParallelConfig
+    from prism_megatron.models.discriminator.stats import PairStats
+    from prism_megatron.stages.discriminator_warmup import make_forward, plan_step
+    from prism_megatron.trainer import Trainer
+
+    processor, pairs = setup(args, args.ep)   # with ep=2 the forwards also all-to-all
+
+    def invalid(p):
+        return dataclasses.replace(p, student=dataclasses.replace(p.student, valid=False))
+
+    # Global batch [0, 1, 2, 3] is dealt out strided: rank 0 gets pairs 0 and 2, rank 1 gets 1, 3.
+    cases = {"rank0_without_valid_pairs": [invalid(pairs[0]), pairs[1], invalid(pairs[2]), pairs[3]],
+             "no_valid_pairs_anywhere": [invalid(p) for p in pairs]}
+    model, config = build(args, "learned")
+    model.set_aux_loss(0.01)
+    trainer = Trainer(model, config, OptimizerConfig(lr=1e-4, warmup_ratio=0.0),
+                      ParallelConfig(ep=args.ep), CheckpointConfig(), total_steps=4)
+    out = {"rank": dist.get_rank()}
+    for name, case in cases.items():
+        plan = plan_step(case, [0, 1, 2, 3], dp_rank=ps.get_data_parallel_rank(),
+                         dp_size=ps.get_data_parallel_world_size(), micro=2,
+                         pad_id=processor.tokenizer.pad_token_id, position_fn=model.position_fn)
+        stats = PairStats()
+        model.set_step_aux_scale(1.0)
+        metrics = trainer.train_step(plan.batches, make_forward(stats), plan.seq_length)
+        pair = stats.reduce()
+        out[name] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                     "valid_local": int(plan.batches[0]["student_valid"].sum()),
+                     "valid_global": plan.batches[0]["valid_global"], "pairs": pair["pairs"]}
+    with open(f"{args.out}.nodeadlock.rank{dist.get_rank()}.json", "w") as f:
+        json.dump(out, f)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("modes", help="comma-separated: ep, nodeadlock")
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--hf", required=True)
+    parser.add_argument("--pairs", required=True)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    from prism_megatron.distributed import destroy_distributed
+
+    try:
+        for mode in args.modes.split(","):
+            {"ep": run_ep, "nodeadlock": run_nodeadlock}[mode](args)
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
