@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patches import (cpu_rng, cpu_torch, fp32_type_checks, missing_te_symbols,
-                              torch_adam_step)
-from megatron_patches import moe_cpu_alltoall_splits
-from megatron_patches import tied_embedding_cpu
+from megatron_patches import (cpu_rng, cpu_torch, cuda_type_checks, missing_te_symbols,
+                              moe_cpu_alltoall_splits, tied_embedding_cpu, torch_adam_step)
 
 MEGATRON_CORE_VERSION = "0.16.1"
 
@@ -71,11 +69,11 @@ def redirect_cuda_device_queries() -> None:
 PATCHES = [
     redirect_cuda_device_queries,
     cpu_rng.use_cpu_rng_for_model_parallel_tracker,
-    fp32_type_checks.accept_cpu_fp32_params,
+    cuda_type_checks.accept_cpu_params,
     missing_te_symbols.define_te_general_gemm,
     torch_adam_step.copy_only_checkpointed_adam_state,
     moe_cpu_alltoall_splits.split_sizes_as_numpy_on_cpu,
-    tied_embedding_cpu.apply,
+    tied_embedding_cpu.place_tied_embedding_copy_on_current_device,
 ]
 
 _applied = False

@@ -31,11 +31,15 @@ def rewrite_function(owner, name: str, replacements: list[tuple[str, str]],
                 f"megatron_patches: {func.__module__}.{func.__qualname__} no longer contains "
                 f"{old!r}; this patch was written for megatron-core 0.16.1 and needs review.")
         source = source.replace(old, new)
+    # Compiled inside a factory whose argument is named ``__class__``, so a zero-argument
+    # ``super()`` in a rewritten method still finds its class.
+    factory = ("def __prism_factory(__class__):\n" + textwrap.indent(source, "    ")
+               + f"\n    return {func.__name__}\n")
     namespace: dict = {}
     module_globals = sys.modules[func.__module__].__dict__
-    exec(compile(source, f"<patched {func.__module__}.{func.__qualname__}>", "exec"),
+    exec(compile(factory, f"<patched {func.__module__}.{func.__qualname__}>", "exec"),
          module_globals, namespace)
-    new_func = namespace[func.__name__]
+    new_func = namespace["__prism_factory"](owner if isinstance(owner, type) else None)
     new_func.__prism_rewritten__ = True
     new_func.__qualname__ = func.__qualname__
     setattr(owner, name, wrapper(new_func) if wrapper else new_func)

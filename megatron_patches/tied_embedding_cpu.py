@@ -5,7 +5,7 @@ from __future__ import annotations
 from megatron_patches.source_rewrite import rewrite_function
 
 
-def apply() -> None:
+def place_tied_embedding_copy_on_current_device() -> None:
     """With tied input/output embeddings and pipeline parallelism, megatron keeps a copy of the
     embedding on the last stage and initialises it from the first stage with an all-reduce over
     the embedding group, after ``weight.data = weight.data.cuda()`` in
