@@ -16,8 +16,11 @@ def torchrun_command(nproc: int, target: list[str]) -> tuple[list[str], dict]:
     """Command line and environment for ``torchrun --nproc_per_node nproc TARGET...``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
-               TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore")
+    # megatron writes its attention-backend choice into NVTE_* variables of the process that
+    # built a model; a worker must choose its own, not inherit the test process's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NVTE_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_CPP_LOG_LEVEL="ERROR",
+               PYTHONWARNINGS="ignore")
     return cmd, env
 
 
