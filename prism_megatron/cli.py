@@ -13,7 +13,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
-from prism_megatron.config import ConfigError, load_config, to_yaml
+from prism_megatron.config import load_config, to_yaml
 from prism_megatron.errors import PrismError
 
 

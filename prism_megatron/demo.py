@@ -36,29 +36,6 @@ def make_data(out: Path, seed: int) -> Path:
     return path
 
 
-def smoke_generate(model_dir: Path, data_dir: Path, max_new_tokens: int = 24) -> str:
-    """Greedy answer of the random model to the first held-out prompt (it is random: this only
-    shows the checkpoint, processor and chat template work together offline)."""
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
-
-    from prism_megatron.data.encode import encode_prompt, load_processor
-    from prism_megatron.data.sharegpt import count_placeholders, load_images, row_messages
-
-    processor = load_processor(model_dir)
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir).eval()
-    row = json.loads((data_dir / "test.jsonl").read_text().splitlines()[0])
-    messages = row_messages(row)
-    prompt = encode_prompt(processor, messages, load_images(row, data_dir, count_placeholders(messages)))
-    inputs = {"input_ids": prompt.input_ids[None], "attention_mask": torch.ones_like(prompt.input_ids)[None],
-              "pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw,
-              "mm_token_type_ids": (prompt.input_ids == processor.tokenizer.convert_tokens_to_ids(
-                  processor.image_token)).long()[None]}
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.tokenizer.decode(out[0, len(prompt.input_ids):], skip_special_tokens=True)
-
-
 def convert(out: Path, model_dir: Path) -> Path:
     from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
 
@@ -107,8 +84,6 @@ def run(out: Path, preset: str = "tiny", seed: int = 0, sft_steps: int = 200) ->
     model_dir = make_model(out, preset, seed)
     data_dir = make_data(out, seed)
     summarise(model_dir, data_dir)
-    print(f"random-init model's greedy answer to a held-out prompt: "
-          f"{smoke_generate(model_dir, data_dir)!r}")
     megatron_dir = convert(out, model_dir)
     print(f"\n== stage 1: SFT ({sft_steps} steps) on sft_public + sft_teacher")
     result = sft(out, model_dir, megatron_dir, data_dir, sft_steps)
