@@ -36,6 +36,17 @@ COMMANDS: dict[str, Command] = {
     "warmup": Command("prism_megatron.stages.discriminator_warmup:cli",
                       "discriminator warm-up: pairwise teacher-vs-student training of the MoE "
                       "discriminator (EP/DP/PP, resumable)"),
+    "align": Command("prism_megatron.stages.align:cli",
+                     "stage 2: PRISM distribution alignment (policy + MoE discriminator, "
+                     "adversarial on-policy distillation, resumable)"),
+    "rlvr": Command("prism_megatron.stages.rlvr:cli",
+                    "stage 3: RL with verifiable rewards (grpo | dapo | gspo; TP/PP/DP, "
+                    "resumable)"),
+    "eval": Command("prism_megatron.eval.cli:cli",
+                    "evaluate a policy on held-out sets and benchmark files (greedy or pass@k)"),
+    "pipeline": Command("prism_megatron.pipeline:cli",
+                        "run SFT -> warm-up -> alignment -> RLVR -> eval (and the SFT -> RLVR "
+                        "baseline), each stage resumable, and write a results table"),
     "demo": Command("prism_megatron.demo:cli",
                     "run the tiny CPU pipeline end to end and print its results",
                     takes_config=False),

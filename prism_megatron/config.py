@@ -116,6 +116,7 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     dynamic_sampling: bool = False
     max_num_gen_batches: int = 10
+    gen_batch_prompts: int = 0         # DAPO prompts per generation round; 0 = prompts_per_step
     tis_cap: Optional[float] = None    # truncated importance sampling cap; None = off
     prompts_per_step: int = 32
     caption_weight: float = 0.5        # PRISM alignment advantage (spec §4)
@@ -145,12 +146,15 @@ class DiscriminatorConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out generation + verifiable scoring (``data.eval_files``)."""
+    """Held-out generation + verifiable scoring (``data.eval_files``) and, in ``prism eval``,
+    the paper's benchmarks (``benchmarks``: name -> local file, see prism_megatron/eval/)."""
     max_new_tokens: int = 256
     limit: int = 0                     # rows per file; 0 = all
     temperature: float = 0.0           # 0 = greedy
+    top_p: float = 1.0
     n: int = 1                         # samples per prompt (pass@n when > 1)
     batch_size: int = 32
+    benchmarks: dict[str, str] = field(default_factory=dict)   # e.g. {mathvista: testmini.json}
 
 
 @dataclass

@@ -132,24 +132,11 @@ def test_packed_loss_equals_padded_loss(sft_assets):
 
 
 @pytest.mark.slow
-def test_sft_raises_held_out_accuracy(tmp_path, make_tiny_model, make_synthetic_data):
-    """200 steps of the demo's SFT recipe on the synthetic task: the random model answers
-    nothing in format; after SFT its greedy answers are well-formed and some are right."""
-    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
-
-    model = make_tiny_model("tiny", 0)
-    data = make_synthetic_data(0, sft_public=200, sft_teacher=50, test=40)
-    megatron = tmp_path / "megatron"
-    convert_hf_to_megatron(model, megatron, fmt="torch_dist", progress=False)
-    config = write_config(
-        tmp_path, (model, data, megatron), train_steps=200,
-        optimizer={"lr": 3e-3, "warmup_ratio": 0.05},
-        data={"train_files": [str(data / "sft_public.jsonl"), str(data / "sft_teacher.jsonl")],
-              "eval_files": [str(data / "test.jsonl")], "max_response_length": 256,
-              "global_batch_size": 16, "micro_batch_size": 8},
-        eval={"max_new_tokens": 160, "limit": 32})
-    run_torchrun("-m", 1, "prism_megatron.cli", "sft", config, timeout=1500)
-    history = read_history(tmp_path / "run")
+def test_sft_raises_held_out_accuracy(sft_policy):
+    """200 steps of the demo's SFT recipe on the synthetic task (the ``sft_policy`` fixture, which
+    the RL-stage tests start from): the random model answers nothing in format; after SFT its
+    greedy answers are well-formed and some are right."""
+    history = read_history(sft_policy.run)
     before, after = history[0], history[-1]
     assert before["step"] == 0 and after["step"] == 200
     assert after["loss"] < 0.6 * history[1]["loss"]

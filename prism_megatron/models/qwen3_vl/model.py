@@ -146,14 +146,18 @@ class Qwen3VLModel(MegatronModule):
 
     # ---- forward ----------------------------------------------------------------------------
     def _embed(self, input_ids: Tensor, pixel_values: Tensor | None,
-               image_grid_thw: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Token embeddings ``[S, B, H]`` with image features at the image tokens, and the dense
-        DeepStack features ``[K, S, B, H]`` (zero elsewhere; None without images)."""
+               image_grid_thw: Tensor | None, image_mask: Tensor | None = None
+               ) -> tuple[Tensor, Tensor | None]:
+        """Token embeddings ``[S, B, H]`` with image features at the image tokens (``image_mask``
+        ``[B, S]``, default: every image-pad id), and the dense DeepStack features
+        ``[K, S, B, H]`` (zero elsewhere; None without images)."""
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         if pixel_values is None:
             return embeds, None
         image_embeds, deepstack = self.vision_model(pixel_values, image_grid_thw)
-        image_mask = (input_ids == self.image_token_id)[..., None]  # [B, S, 1]
+        if image_mask is None:
+            image_mask = input_ids == self.image_token_id
+        image_mask = image_mask[..., None]  # [B, S, 1]
         if int(image_mask.sum()) != image_embeds.shape[0]:
             raise ValueError(f"{int(image_mask.sum())} image tokens in input_ids but the images give "
                              f"{image_embeds.shape[0]} features (check image_grid_thw)")
@@ -180,10 +184,13 @@ class Qwen3VLModel(MegatronModule):
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
                 image_grid_thw: Tensor | None = None, labels: Tensor | None = None, *,
-                packed_seq_params=None, runtime_gather_output: bool | None = None) -> Tensor:
+                image_mask: Tensor | None = None, packed_seq_params=None,
+                runtime_gather_output: bool | None = None) -> Tensor:
         """``attention_mask``: None (causal), HF-style ``[B, S]`` padding mask, or megatron's
         ``[B, 1, S, S]`` bool (True = masked). ``position_ids`` ``[3, B, S]``; computed from the
-        ids, image grids and 2-D mask when None."""
+        ids, image grids and 2-D mask when None. ``image_mask`` ``[B, S]``: where the image
+        features go when not every image-pad id is a prompt image (sampled responses may contain
+        one; generation embeds it as a plain token)."""
         mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
             position_ids = rope_index(self.hf_config, input_ids, image_grid_thw, mask_2d)[0]
@@ -194,7 +201,8 @@ class Qwen3VLModel(MegatronModule):
 
         decoder_input = context = None
         if self.pre_process:
-            decoder_input, context = self._embed(input_ids, pixel_values, image_grid_thw)
+            decoder_input, context = self._embed(input_ids, pixel_values, image_grid_thw,
+                                                 image_mask)
             if self.carry_deepstack and context is None:
                 context = decoder_input.new_zeros(self.deepstack_levels, *decoder_input.shape)
         else:
