@@ -1,9 +1,24 @@
-"""``make demo``: the tiny three-stage PRISM pipeline on CPU, end to end.
+"""``make demo``: a miniature reproduction of PRISM on CPU (tiny Qwen3-VL, synthetic task).
 
-Every step writes into ``--out`` and is skipped when its output already exists, so an
-interrupted demo resumes where it stopped (SFT itself resumes from its last checkpoint). Steps so
-far: a tiny random Qwen3-VL checkpoint, the synthetic colour-grid task, HF -> Megatron conversion,
-and stage 1 (SFT) with held-out accuracy before and after. Later stages plug in here.
+Two pipelines from one SFT checkpoint, for several seeds, through ``prism_megatron.pipeline``
+(every stage a ``prism <stage>`` subprocess, logs in ``<out>/runs/**/stage.log``):
+
+    baseline:  SFT -> RLVR (GRPO)
+    PRISM:     SFT -> discriminator (upcycled, warmed on the SFT policy's samples) -> alignment
+               -> RLVR (GRPO)
+
+and a table of held-out accuracy (greedy, verifiable scorer, ``test.jsonl``) after SFT, after
+SFT->RLVR and after SFT->PRISM->RLVR, mean ± std over the seeds, plus the RLVR curves of both
+pipelines (``<out>/rlvr_comparison.png``).
+
+What is shared between seeds, and why (to fit ~15 minutes on 2 CPU cores): the conversion, SFT,
+the warm-up pairs, the upcycling and the discriminator warm-up run ONCE (seed 0, in
+``<out>/runs/``); per seed (``<out>/runs/seed<S>/``) run the alignment and both RLVR runs, which
+is where the two pipelines differ. So the "after SFT" row has no spread by construction, and the
+seeds measure the variance of alignment + RLVR (rollout sampling, prompt order), not of SFT or of
+the discriminator's warm-up. SFT and RLVR run fewer steps than the examples' configs
+(``--sft-steps`` etc. change that). Everything is resumable: a rerun skips the finished stages and
+an interrupted one continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -11,11 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED = ("convert", "sft", "pairs", "upcycle", "warmup")
+PER_SEED = ("align", "prism_rlvr", "baseline_rlvr")
+TABLE = (("base", "base model (random init)"), ("sft", "after SFT"),
+         ("baseline_rlvr", "after SFT -> RLVR"), ("align", "after SFT -> PRISM (align only)"),
+         ("prism_rlvr", "after SFT -> PRISM -> RLVR"))
 
 
 def make_model(out: Path, preset: str, seed: int) -> Path:
@@ -36,63 +58,111 @@ def make_data(out: Path, seed: int) -> Path:
     return path
 
 
-def convert(out: Path, model_dir: Path) -> Path:
-    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+def pipeline_config(out: Path, model: Path, data: Path, seed: int, steps: dict, eval_limit: int):
+    """The tiny pipeline (examples/tiny/pipeline.yaml's stages) at the demo's step counts."""
+    from prism_megatron.pipeline import PairsSpec, PipelineConfig, PipelineData, StageSpec
 
-    path = out / "megatron"
-    if not (path / "prism_convert.json").is_file():
-        convert_hf_to_megatron(model_dir, path, fmt="torch_dist", force=True)
-    return path
-
-
-def sft(out: Path, model_dir: Path, megatron_dir: Path, data_dir: Path, steps: int) -> dict:
-    """Stage 1 in this process (world size 1) with the tiny example config."""
-    from prism_megatron.config import load_config
-    from prism_megatron.metrics import read_history
-    from prism_megatron.stages import sft as sft_stage
-
-    run_dir = out / "runs" / "sft"
-    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "tiny" / "sft.yaml", [
-        f"model.hf_dir={model_dir}", f"model.megatron_dir={megatron_dir}",
-        f"data.train_files=[{data_dir / 'sft_public.jsonl'},{data_dir / 'sft_teacher.jsonl'}]",
-        f"data.eval_files=[{data_dir / 'test.jsonl'}]", f"train_steps={steps}",
-        f"checkpoint.save_dir={run_dir / 'ckpt'}", f"logging.run_dir={run_dir}"])
-    history = read_history(run_dir)
-    if not (history and history[-1]["step"] == steps and "eval/test/accuracy" in history[-1]):
-        sft_stage.run(cfg)
-        history = read_history(run_dir)
-    return {"before": history[0], "after": history[-1], "run_dir": run_dir}
-
-
-def summarise(model_dir: Path, data_dir: Path) -> None:
-    info = json.loads((model_dir / "prism_tiny_model.json").read_text())
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    print(f"\nmodel  {model_dir}: preset {info['preset']['name']}, "
-          f"{info['parameters']['total']:,} parameters, vocabulary {info['tokenizer_size']}")
-    print(f"data   {data_dir}: " + ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())
-          + f", {manifest['num_images']} images")
-    row = json.loads((data_dir / "sft_teacher.jsonl").read_text().splitlines()[0])
-    print("example teacher demo:")
-    for message in row["messages"][1:]:
-        print(f"  [{message['role']}] {message['content']}")
+    quiet = ["logging.tensorboard=false"]
+    cfg = PipelineConfig(
+        work_dir=str(out / "runs" / (f"seed{seed}" if seed is not None else "")),
+        hf_dir=str(model), seed=seed or 0, show_output=False,
+        data=PipelineData(sft_files=[str(data / "sft_public.jsonl"),
+                                     str(data / "sft_teacher.jsonl")],
+                          align_file=str(data / "align.jsonl"), rl_file=str(data / "rl.jsonl"),
+                          test_files=[str(data / "test.jsonl")]),
+        policy_overrides=[f"eval.limit={eval_limit}", "eval.max_new_tokens=160", *quiet],
+        sft=StageSpec("examples/tiny/sft.yaml", [f"train_steps={steps['sft']}",
+                                                 "checkpoint.save_interval=25"]),
+        pairs=PairsSpec(heldout_rows=32, max_new_tokens=160),
+        warmup=StageSpec("examples/tiny/warmup.yaml",
+                         [f"train_steps={steps['warmup']}", "discriminator.eval_interval=0",
+                          *quiet]),
+        align=StageSpec("examples/tiny/align.yaml", [f"train_steps={steps['align']}",
+                                                     "checkpoint.save_interval=5"]),
+        rlvr=StageSpec("examples/tiny/rlvr_grpo.yaml", [f"train_steps={steps['rlvr']}",
+                                                        "checkpoint.save_interval=5"]))
+    if seed is None:          # the shared part, run once
+        cfg.until = SHARED[-1]
+    else:
+        cfg.shared_from, cfg.shared_stages, cfg.stages = str(out / "runs"), list(SHARED), \
+            list(PER_SEED)
+    return cfg
 
 
-def run(out: Path, preset: str = "tiny", seed: int = 0, sft_steps: int = 200) -> None:
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """Mean ± std over seeds of every table row (None where a row is missing in a seed)."""
+    rows = {}
+    for key, label in TABLE:
+        values = [r["accuracy"].get(key) for r in per_seed.values()]
+        formats = [next(x["test/format_rate"] for x in r["rows"] if x["key"] == key)
+                   for r in per_seed.values()]
+        ok = [v for v in values if v is not None]
+        fok = [v for v in formats if v is not None]
+        rows[key] = {"label": label, "values": values,
+                     "mean": statistics.fmean(ok) if ok else None,
+                     "std": statistics.pstdev(ok) if len(ok) > 1 else 0.0 if ok else None,
+                     "format_rate_mean": statistics.fmean(fok) if fok else None}
+    return rows
+
+
+def table(rows: dict, seeds: list[int]) -> str:
+    lines = [f"| held-out test.jsonl (greedy) | accuracy, mean ± std over {len(seeds)} seeds | "
+             "per seed | format valid (mean) |", "|---|---|---|---|"]
+    for row in rows.values():
+        if row["mean"] is None:
+            lines.append(f"| {row['label']} | not run | | |")
+            continue
+        per = " / ".join("—" if v is None else f"{v:.3f}" for v in row["values"])
+        lines.append(f"| {row['label']} | {row['mean']:.3f} ± {row['std']:.3f} | {per} | "
+                     f"{row['format_rate_mean']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(out: Path, preset: str = "tiny", seeds: tuple[int, ...] = (0, 1, 2),
+        steps: dict | None = None, eval_limit: int = 64) -> dict:
+    from prism_megatron.pipeline import Pipeline, plot_rlvr_comparison
+
+    steps = {**DEFAULT_STEPS, **(steps or {})}
     start = time.time()
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"== PRISM tiny demo -> {out}")
-    model_dir = make_model(out, preset, seed)
-    data_dir = make_data(out, seed)
-    summarise(model_dir, data_dir)
-    megatron_dir = convert(out, model_dir)
-    print(f"\n== stage 1: SFT ({sft_steps} steps) on sft_public + sft_teacher")
-    result = sft(out, model_dir, megatron_dir, data_dir, sft_steps)
-    before, after = result["before"], result["after"]
-    print("\n| held-out (test.jsonl, greedy) | accuracy | format valid |\n|---|---|---|")
-    for name, row in (("random init", before), ("after SFT", after)):
-        print(f"| {name} | {row['eval/test/accuracy']:.3f} | {row['eval/test/format_rate']:.3f} |")
-    print(f"SFT loss {result['after']['loss']:.3f}; curves: {result['run_dir'] / 'sft_curves.png'}")
-    print(f"\ndemo finished in {time.time() - start:.0f}s")
+    print(f"== PRISM miniature reproduction -> {out}\n   seeds {list(seeds)}; steps {steps}; "
+          f"held-out: {eval_limit} test prompts, greedy")
+    model, data = make_model(out, preset, 0), make_data(out, 0)
+    legacy = out / "runs" / "sft"
+    if (legacy / "metrics.jsonl").is_file() and not (legacy / "stage.log").is_file():
+        legacy.rename(legacy.with_name("sft.before-pipeline"))   # the old demo's in-process SFT
+        print(f"   moved the previous demo's SFT run aside: {legacy}.before-pipeline")
+    print(f"   model {model}, data {data}")
+    print("\n== shared by all seeds (seed 0): " + " -> ".join(SHARED))
+    Pipeline(pipeline_config(out, model, data, None, steps, eval_limit)).run()
+    per_seed = {}
+    for seed in seeds:
+        print(f"\n== seed {seed}: " + ", ".join(PER_SEED))
+        per_seed[seed] = Pipeline(pipeline_config(out, model, data, seed, steps, eval_limit)).run()
+    rows = aggregate(per_seed)
+    text = table(rows, list(seeds))
+    first = per_seed[seeds[0]]
+    disc = first.get("discriminator_heldout") or {}
+    note = (f"\nshared (run once, so no spread): SFT {steps['sft']} steps, discriminator warm-up "
+            f"{steps['warmup']} steps (held-out pairwise accuracy caption "
+            f"{disc.get('acc_caption', float('nan')):.2f}, reasoning "
+            f"{disc.get('acc_reasoning', float('nan')):.2f}); per seed: alignment "
+            f"{steps['align']} steps, RLVR {steps['rlvr']} steps in each pipeline.\n")
+    (out / "results.md").write_text(text + note)
+    (out / "results.json").write_text(json.dumps({"steps": steps, "seeds": list(seeds),
+                                                  "rows": rows, "per_seed": per_seed}, indent=1))
+    plot = plot_rlvr_comparison(
+        {"SFT -> RLVR": [out / "runs" / f"seed{s}" / "baseline_rlvr" for s in seeds],
+         "SFT -> PRISM -> RLVR": [out / "runs" / f"seed{s}" / "prism_rlvr" for s in seeds]},
+        out / "rlvr_comparison.png")
+    print("\n" + text + note)
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}; RLVR curves: {plot}")
+    print(f"demo finished in {time.time() - start:.0f}s")
+    return rows
+
+
+DEFAULT_STEPS = {"sft": 100, "warmup": 20, "align": 10, "rlvr": 15}
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -100,10 +170,19 @@ def cli(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     parser.add_argument("--preset", default="tiny", help="tiny model preset")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--eval-limit", type=int, default=64, help="held-out prompts")
+    for stage, default in DEFAULT_STEPS.items():
+        parser.add_argument(f"--{stage}-steps", type=int, default=default)
     args = parser.parse_args(argv)
-    run(args.out, args.preset, args.seed, args.sft_steps)
+    steps = {stage: getattr(args, f"{stage}_steps") for stage in DEFAULT_STEPS}
+    from prism_megatron.errors import PrismError
+
+    try:
+        run(args.out, args.preset, tuple(int(s) for s in args.seeds.split(",")), steps,
+            args.eval_limit)
+    except PrismError as exc:
+        raise SystemExit(f"prism demo: error: {exc}") from None
 
 
 if __name__ == "__main__":

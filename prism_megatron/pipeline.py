@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,7 +253,25 @@ class Pipeline:
     def spec(self, stage: str):
         return getattr(self.cfg, "rlvr" if stage.endswith("rlvr") else stage)
 
+    def check_inputs(self) -> None:
+        """Missing inputs fail here, in one line, not minutes later inside a stage."""
+        c, d = self.cfg, self.cfg.data
+        wanted = {"hf_dir": ([c.hf_dir], STAGES), "data.sft_files": (d.sft_files, ("sft",)),
+                  "data.align_file": ([d.align_file], ("pairs", "align")),
+                  "data.rl_file": ([d.rl_file], ("prism_rlvr", "baseline_rlvr")),
+                  "data.test_files": (d.test_files, POLICY_STAGES)}
+        for key, (paths, stages) in wanted.items():
+            if any(self.will_run(s) for s in stages):
+                for p in paths:
+                    if not _path(p).exists():
+                        raise PrismError(f"{key}: {p} does not exist")
+
+    def will_run(self, stage: str) -> bool:
+        return (selected(self.cfg, stage) and stage not in self.cfg.shared_stages
+                and not getattr(self.spec(stage), "skip", False) and self.marker(stage) is None)
+
     def run(self) -> dict:
+        self.check_inputs()
         self.work.mkdir(parents=True, exist_ok=True)
         self.log(f"[pipeline] work dir {self.work}")
         for stage in STAGES:
@@ -271,7 +291,8 @@ class Pipeline:
             return say(f"shared: done in {self.dir(stage)}")
         if done is not None:
             self.status[stage] = {"status": "done earlier", "seconds": done.get("seconds")}
-            changed = (" (its command has changed since: delete that directory to rerun it)"
+            changed = (f"; NOTE: its command has changed since (delete {self.dir(stage)}/"
+                       "done.json to rerun it; it resumes from its checkpoint)"
                        if _strip_port(done.get("command")) != _strip_port(self.command(stage))
                        else "")
             return say(f"skipped: done earlier ({_fmt(done.get('seconds', 0))}){changed}")
@@ -321,6 +342,7 @@ def run_logged(command: list[str], log_path: Path, stage: str, show: bool) -> No
         log.flush()
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=env, stdin=subprocess.DEVNULL)
+        previous = _exit_on_sigterm()
         try:
             while chunk := os.read(proc.stdout.fileno(), 65536):
                 log.write(chunk)
@@ -333,6 +355,9 @@ def run_logged(command: list[str], log_path: Path, stage: str, show: bool) -> No
             proc.kill()
             proc.wait()
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     if code != 0:
         text = log_path.read_text(errors="replace").splitlines()
         tail = [line.rsplit("\r", 1)[-1] for line in text[-15:]]
@@ -388,7 +413,8 @@ def results_markdown(results: dict) -> str:
     if disc:
         lines.append(f"\ndiscriminator after warm-up: held-out pairwise accuracy caption "
                      f"{disc.get('acc_caption', float('nan')):.3f}, reasoning "
-                     f"{disc.get('acc_reasoning', float('nan')):.3f}")
+                     f"{disc.get('acc_reasoning', float('nan')):.3f} "
+                     f"({disc.get('pairs', 0):.0f} pairs with a format-valid student)")
     return "\n".join(lines) + "\n"
 
 
@@ -443,6 +469,18 @@ def _path(p: str) -> Path:
     if not path.is_absolute() and not path.exists() and (REPO / path).exists():
         path = REPO / path
     return path.resolve()
+
+
+def _exit_on_sigterm():
+    """SIGTERM to the pipeline becomes SystemExit, so the running stage is killed with it (the
+    default action would orphan it). Returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _tool(step: str, **kwargs) -> list[str]:

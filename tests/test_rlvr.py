@@ -149,3 +149,69 @@ def test_an_unreachable_engine_is_a_clear_error(tmp_path, rl_assets, capsys):
     assert main(["rlvr", write_config(tmp_path, rl_assets), *overrides]) == 2
     err = capsys.readouterr().err
     assert "127.0.0.1:9" in err and "Traceback" not in err
+
+
+class ScriptedWorker:
+    """Stands in for the policy worker: sample j of prompt g answers ``script[g][j]``."""
+
+    def __init__(self, scripts):
+        self.scripts, self.calls = iter(scripts), []
+
+    def generate(self, prompts, step, round_):
+        from prism_megatron.rollout.base import Sample
+
+        self.calls.append((step, round_, [p.id for p in prompts]))
+        answers = next(self.scripts)
+        return [Sample(list(range(len(a))), [0.0] * len(a),
+                       f"<caption>c</caption><think>t</think><answer>{a}</answer>", "stop")
+                for group in answers for a in group]
+
+
+def dapo_config(**algorithm):
+    from prism_megatron.config import load_config
+
+    cfg = load_config(None, ["rollout.n=2", "rollout.max_new_tokens=8", "rewards.overlong_buffer=4",
+                             "algorithm.name=dapo", "algorithm.dynamic_sampling=true",
+                             "algorithm.prompts_per_step=2", "algorithm.gen_batch_prompts=3"])
+    for key, value in algorithm.items():
+        setattr(cfg.algorithm, key, value)
+    return cfg
+
+
+def test_dapo_dynamic_sampling_keeps_informative_groups_across_rounds():
+    from prism_megatron.data.rl import RLPrompt
+    from prism_megatron.data.sampler import ResumableSampler
+    from prism_megatron.stages.rlvr import collect
+
+    dataset = [RLPrompt(None, [], answer="7", id=f"p{i}") for i in range(6)]
+    # Round 1: group 0 all right, group 1 mixed, group 2 all wrong -> keeps 1 of 3.
+    # Round 2: group 0 mixed (kept: the batch is full), group 1 mixed (not needed).
+    worker = ScriptedWorker([[["7", "7"], ["7", "1"], ["2", "3"]],
+                             [["1", "7"], ["7", "0"], ["7", "7"]]])
+    batch, metrics = collect(worker, dataset, ResumableSampler(6, seed=0, shuffle=False),
+                             dapo_config(), step=5)
+    assert [c[:2] for c in worker.calls] == [(5, 0), (5, 1)]
+    assert [p.id for p in batch.prompts] == ["p1", "p3"]
+    assert batch.group == [0, 0, 1, 1] and batch.accuracy == [1.0, 0.0, 0.0, 1.0]
+    # 0.8 * acc + 0.2 * format, then the overlong term: lengths 1 (no penalty) and 8 tokens
+    # (= max_new_tokens, buffer 4 -> -1.0).
+    assert batch.rewards == pytest.approx([1.0, 0.2, 0.2, 1.0])
+    assert metrics["gen_rounds"] == 2 and metrics["groups_kept"] == pytest.approx(2 / 6)
+
+    long = ScriptedWorker([[["7" * 8, "7"], ["1", "2"], ["3", "4"]]])
+    batch, _ = collect(long, dataset, ResumableSampler(6, seed=0, shuffle=False),
+                       dapo_config(prompts_per_step=1), step=1)
+    assert batch.rewards == pytest.approx([0.2 - 1.0, 1.0])   # "77777777": wrong, 8 tokens
+
+
+def test_dapo_gives_up_after_max_generation_rounds_with_a_clear_error():
+    from prism_megatron.data.rl import RLPrompt
+    from prism_megatron.data.sampler import ResumableSampler
+    from prism_megatron.errors import PrismError
+    from prism_megatron.stages.rlvr import collect
+
+    dataset = [RLPrompt(None, [], answer="7", id=f"p{i}") for i in range(3)]
+    worker = ScriptedWorker([[["7", "7"], ["1", "1"], ["7", "7"]]] * 2)
+    with pytest.raises(PrismError, match="after 2 generation rounds"):
+        collect(worker, dataset, ResumableSampler(3, seed=0, shuffle=False),
+                dapo_config(max_num_gen_batches=2), step=1)
