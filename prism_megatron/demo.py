@@ -118,6 +118,20 @@ def table(rows: dict, seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stage_times(per_seed: dict[int, dict]) -> str:
+    """Seconds per stage as measured when it ran (shared: once; per seed: the mean)."""
+    first = next(iter(per_seed.values()))["stages"]
+    shared = ", ".join(f"{s} {first[s]['seconds']:.0f}s" for s in SHARED
+                       if first.get(s, {}).get("seconds") is not None)
+    means = []
+    for stage in PER_SEED:
+        secs = [r["stages"][stage]["seconds"] for r in per_seed.values()
+                if r["stages"].get(stage, {}).get("seconds") is not None]
+        if secs:
+            means.append(f"{stage} {statistics.fmean(secs):.0f}s")
+    return f"stage wall times: shared {shared}; per seed (mean) {', '.join(means)}\n"
+
+
 def run(out: Path, preset: str = "tiny", seeds: tuple[int, ...] = (0, 1, 2),
         steps: dict | None = None, eval_limit: int = 64) -> dict:
     from prism_megatron.pipeline import Pipeline, plot_rlvr_comparison
@@ -149,6 +163,7 @@ def run(out: Path, preset: str = "tiny", seeds: tuple[int, ...] = (0, 1, 2),
             f"{disc.get('acc_caption', float('nan')):.2f}, reasoning "
             f"{disc.get('acc_reasoning', float('nan')):.2f}); per seed: alignment "
             f"{steps['align']} steps, RLVR {steps['rlvr']} steps in each pipeline.\n")
+    note += stage_times(per_seed)
     (out / "results.md").write_text(text + note)
     (out / "results.json").write_text(json.dumps({"steps": steps, "seeds": list(seeds),
                                                   "rows": rows, "per_seed": per_seed}, indent=1))

@@ -41,8 +41,11 @@ def main(config: str, out: str) -> None:
         before = {name: t.clone() for name, t in iter_hf_tensors(worker.model, worker.hf_config)}
         metrics = worker.train(prompts, samples, group, advantages)
         weights = {name: t.clone() for name, t in iter_hf_tensors(worker.model, worker.hf_config)}
+        new = rl.gather_samples({i: lp for i, (lp, _) in rl.compute_log_probs(
+            worker.model, plan).items()})
         if is_sender():
             torch.save({"old": [old[i] for i in range(len(samples))],
+                        "new": [new[i] for i in range(len(samples))],
                         "rollout": [torch.tensor(s.logprobs) for s in samples],
                         "advantages": advantages, "metrics": metrics, "before": before,
                         "weights": weights}, out)
