@@ -17,8 +17,10 @@ the warm-up pairs, the upcycling and the discriminator warm-up run ONCE (seed 0,
 is where the two pipelines differ. So the "after SFT" row has no spread by construction, and the
 seeds measure the variance of alignment + RLVR (rollout sampling, prompt order), not of SFT or of
 the discriminator's warm-up. SFT and RLVR run fewer steps than the examples' configs
-(``--sft-steps`` etc. change that). Everything is resumable: a rerun skips the finished stages and
-an interrupted one continues from its last checkpoint.
+(``--sft-steps`` etc. change that). The per-seed chains (alignment -> PRISM RLVR; baseline RLVR)
+run two at a time with one thread per process (``--jobs``), so the stage wall times printed at the
+end are those of a process sharing the machine. Everything is resumable: a rerun skips the
+finished stages and an interrupted one continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +38,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SHARED = ("convert", "sft", "pairs", "upcycle", "warmup")
 PER_SEED = ("align", "prism_rlvr", "baseline_rlvr")
+CHAINS = (("align", "prism_rlvr"), ("baseline_rlvr",))   # independent once SHARED is done
 TABLE = (("base", "base model (random init)"), ("sft", "after SFT"),
          ("baseline_rlvr", "after SFT -> RLVR"), ("align", "after SFT -> PRISM (align only)"),
          ("prism_rlvr", "after SFT -> PRISM -> RLVR"))
@@ -89,6 +93,41 @@ def pipeline_config(out: Path, model: Path, data: Path, seed: int, steps: dict, 
     return cfg
 
 
+def run_per_seed(out: Path, model: Path, data: Path, seeds, steps: dict, eval_limit: int,
+                 jobs: int) -> dict[int, dict]:
+    """The per-seed stages as independent chains (alignment -> PRISM RLVR; baseline RLVR), ``jobs``
+    at a time, each stage process with cores/jobs threads: the tiny model's ops are too small for
+    two threads to help much, so two single-threaded processes get ~1.6x the work done on 2
+    cores. Then one pass per seed over its (now finished) stages writes that seed's results."""
+    from prism_megatron.pipeline import Pipeline
+    from prism_megatron.pipeline.runner import stop_running
+
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+
+    def chain(seed: int, stages: tuple[str, ...]) -> None:
+        cfg = pipeline_config(out, model, data, seed, steps, eval_limit)
+        cfg.stages, cfg.threads = list(stages), threads
+        def log(line: str) -> None:   # only this chain's stages: the rest is shared or elsewhere
+            if line.split()[1:2] and line.split()[1] in stages:
+                print(f"[seed {seed}] {line}", flush=True)
+
+        Pipeline(cfg, log=log).run()
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(chain, seed, stages) for stages in CHAINS for seed in seeds]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:       # a failed stage or Ctrl-C: stop the others' stages too
+            for future in futures:
+                future.cancel()
+            stop_running()
+            raise
+    quiet = lambda line: None   # noqa: E731
+    return {seed: Pipeline(pipeline_config(out, model, data, seed, steps, eval_limit),
+                           log=quiet).run() for seed in seeds}
+
+
 def aggregate(per_seed: dict[int, dict]) -> dict:
     """Mean ± std over seeds of every table row (None where a row is missing in a seed)."""
     rows = {}
@@ -133,7 +172,7 @@ def stage_times(per_seed: dict[int, dict]) -> str:
 
 
 def run(out: Path, preset: str = "tiny", seeds: tuple[int, ...] = (0, 1, 2),
-        steps: dict | None = None, eval_limit: int = 64) -> dict:
+        steps: dict | None = None, eval_limit: int = 64, jobs: int = 2) -> dict:
     from prism_megatron.pipeline import Pipeline, plot_rlvr_comparison
 
     steps = {**DEFAULT_STEPS, **(steps or {})}
@@ -150,10 +189,8 @@ def run(out: Path, preset: str = "tiny", seeds: tuple[int, ...] = (0, 1, 2),
     print(f"   model {model}, data {data}")
     print("\n== shared by all seeds (seed 0): " + " -> ".join(SHARED))
     Pipeline(pipeline_config(out, model, data, None, steps, eval_limit)).run()
-    per_seed = {}
-    for seed in seeds:
-        print(f"\n== seed {seed}: " + ", ".join(PER_SEED))
-        per_seed[seed] = Pipeline(pipeline_config(out, model, data, seed, steps, eval_limit)).run()
+    print(f"\n== per seed, {jobs} at a time: " + "; ".join(" -> ".join(c) for c in CHAINS))
+    per_seed = run_per_seed(out, model, data, seeds, steps, eval_limit, jobs)
     rows = aggregate(per_seed)
     text = table(rows, list(seeds))
     first = per_seed[seeds[0]]
@@ -177,7 +214,7 @@ def run(out: Path, preset: str = "tiny", seeds: tuple[int, ...] = (0, 1, 2),
     return rows
 
 
-DEFAULT_STEPS = {"sft": 100, "warmup": 20, "align": 10, "rlvr": 15}
+DEFAULT_STEPS = {"sft": 100, "warmup": 20, "align": 8, "rlvr": 15}
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -187,6 +224,8 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="tiny", help="tiny model preset")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--eval-limit", type=int, default=64, help="held-out prompts")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="per-seed stage chains run at once (each with cores/jobs threads)")
     for stage, default in DEFAULT_STEPS.items():
         parser.add_argument(f"--{stage}-steps", type=int, default=default)
     args = parser.parse_args(argv)
@@ -195,7 +234,7 @@ def cli(argv: list[str] | None = None) -> None:
 
     try:
         run(args.out, args.preset, tuple(int(s) for s in args.seeds.split(",")), steps,
-            args.eval_limit)
+            args.eval_limit, args.jobs)
     except PrismError as exc:
         raise SystemExit(f"prism demo: error: {exc}") from None
 

@@ -8,7 +8,7 @@ Fixtures for every test module:
 * ``make_synthetic_data(seed=0, **sizes) -> Path`` - session-scoped factory for the synthetic dataset
   (sizes: sft_public, sft_teacher, align, rl, test; unspecified ones use SMALL_DATA_SIZES).
 * ``synthetic_data_dir -> Path`` - the dataset at SMALL_DATA_SIZES, seed 0.
-* ``sft_policy`` - the demo's SFT recipe (200 steps) trained once per session: the starting point
+* ``sft_policy`` - the demo's SFT recipe (100 steps) trained once per session: the starting point
   of the RL-stage tests (``.model``, ``.data``, ``.megatron``, ``.ckpt``, ``.run``).
 
 The returned directories are shared by the whole session: treat them as read-only (copy first).
@@ -87,7 +87,7 @@ def synthetic_data_dir(make_synthetic_data) -> Path:
 
 @pytest.fixture(scope="session")
 def sft_policy(make_tiny_model, make_synthetic_data, tmp_path_factory):
-    """200 steps of the demo's SFT recipe (tiny model, synthetic task), with held-out accuracy
+    """100 steps of the demo's SFT recipe (tiny model, synthetic task), with held-out accuracy
     before/after in ``run/metrics.jsonl``; the checkpoint is in ``ckpt``."""
     from types import SimpleNamespace
 
@@ -103,14 +103,14 @@ def sft_policy(make_tiny_model, make_synthetic_data, tmp_path_factory):
     data = make_synthetic_data(0, **DEFAULT_SIZES)   # = `make demo`'s data and SFT run
     megatron = root / "megatron"
     convert_hf_to_megatron(model, megatron, fmt="torch_dist", progress=False)
-    cfg = {"seed": 0, "train_steps": 200,
+    cfg = {"seed": 0, "train_steps": 100,
            "model": {"hf_dir": str(model), "megatron_dir": str(megatron)},
            "optimizer": {"lr": 3e-3, "warmup_ratio": 0.05},
            "data": {"train_files": [str(data / "sft_public.jsonl"), str(data / "sft_teacher.jsonl")],
                     "eval_files": [str(data / "test.jsonl")], "max_prompt_length": 512,
                     "max_response_length": 256, "global_batch_size": 16, "micro_batch_size": 8},
            "eval": {"max_new_tokens": 160, "limit": 64},
-           "checkpoint": {"save_dir": str(root / "ckpt"), "save_interval": 200, "keep_last": 1},
+           "checkpoint": {"save_dir": str(root / "ckpt"), "save_interval": 100, "keep_last": 1},
            "logging": {"run_dir": str(root / "run"), "tensorboard": False, "plots": False}}
     (root / "sft.yaml").write_text(yaml.safe_dump(cfg))
     run_torchrun("-m", 1, "prism_megatron.cli", "sft", root / "sft.yaml", timeout=1500)

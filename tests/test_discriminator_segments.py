@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prism_megatron.data.sharegpt import BadRow
-from prism_megatron.models.discriminator.routing import CAPTION, REASONING
+from prism_megatron.models.discriminator.routing import CAPTION
 from prism_megatron.models.discriminator.segments import (
     CLOSING_TAGS, caption_boundary, ensure_caption_tags, ensure_reasoning_tags, pair_segments,
     pair_sequences, response_segments)

@@ -4,7 +4,6 @@ checkpoint step); results.json/results.md; a rerun runs nothing; dependency skip
 
 One module-scoped pipeline run (tiny model, small synthetic data) serves the slow tests."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -19,7 +18,6 @@ from dist_utils import REPO
 from prism_megatron.cli import main
 from prism_megatron.pipeline import STAGES, Pipeline, load_pipeline_config
 
-HAVE_ALIGN = importlib.util.find_spec("prism_megatron.stages.align") is not None
 TINY_POLICY = ["eval.limit=2", "eval.max_new_tokens=8", "logging.tensorboard=false",
                "logging.plots=false"]
 TINY_RL = ["train_steps=1", "algorithm.prompts_per_step=2", "rollout.n=2",
@@ -42,8 +40,7 @@ def write_config(path, model, data, **changes) -> str:
                    "overrides": ["train_steps=1", "data.global_batch_size=2",
                                  "data.micro_batch_size=2", "discriminator.eval_interval=0",
                                  "logging.tensorboard=false", "logging.plots=false"]},
-        "align": {"config": "examples/tiny/align.yaml", "overrides": TINY_RL,
-                  "skip": not HAVE_ALIGN},
+        "align": {"config": "examples/tiny/align.yaml", "overrides": TINY_RL},
         "rlvr": {"config": "examples/tiny/rlvr_grpo.yaml", "overrides": TINY_RL},
     }
     cfg.update(changes)
@@ -138,8 +135,7 @@ def test_killed_pipeline_resumes_at_the_stage_and_step_it_reached(pipeline_run):
 
 def test_pipeline_writes_results_for_both_pipelines(pipeline_run):
     work, lines = pipeline_run["work"], pipeline_run["lines"]
-    expected = [s for s in STAGES if HAVE_ALIGN or s not in ("align", "prism_rlvr")]
-    for stage in expected:
+    for stage in STAGES:
         marker = json.loads((work / stage / "done.json").read_text())
         assert marker["stage"] == stage and marker["command"] and (work / stage / "stage.log").is_file()
     assert json.loads((work / "sft" / "done.json").read_text())["command"][1:4] == [
@@ -158,8 +154,6 @@ def test_pipeline_writes_results_for_both_pipelines(pipeline_run):
     assert (work / "rlvr_comparison.png").stat().st_size > 0
     pairs = (work / "pairs" / "pairs_train.jsonl").read_text().splitlines()
     assert len(pairs) == 4 and len((work / "pairs" / "pairs_heldout.jsonl").read_text().splitlines()) == 2
-    if not HAVE_ALIGN:
-        pytest.skip("align stage not present")
     assert "done in" in status(lines, "align") and "done in" in status(lines, "prism_rlvr")
     for key in ("align", "prism_rlvr"):
         assert 0 <= rows[key]["test/accuracy"] <= 1 and rows[key]["step"] == 1

@@ -123,4 +123,4 @@ def check_tensor_parallel(info: ModelInfo, tp: int) -> None:
             problems.append(f"{label} has {h.num_groups} key/value heads (num_key_value_heads)")
     if problems:
         raise ConversionError(f"tp={tp} does not divide the attention heads: "
-                              + "; ".join(problems) + f" — choose a tp that divides them")
+                              + "; ".join(problems) + " — choose a tp that divides them")

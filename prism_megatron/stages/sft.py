@@ -15,8 +15,6 @@ import logging
 import math
 from functools import partial
 
-import torch
-
 from prism_megatron.config import PrismConfig
 from prism_megatron.data.collate import collate, pack_greedy, segment_attention_mask
 from prism_megatron.data.encode import load_processor

@@ -151,7 +151,7 @@ def upcycle(hf_dir: str | Path, out: str | Path, *, num_experts: int = 4, top_k:
         with atomic_output_dir(out, force) as tmp:
             ckpt = tmp / lay.iteration_dir_name(0, True)
             ckpt.mkdir()
-            log(f"[upcycle] saving torch_dist checkpoint")
+            log("[upcycle] saving torch_dist checkpoint")
             save_torch_dist(disc, ckpt)
             lay.write_tracker(tmp, 0, True)
             copy_hf_config(hf_dir, tmp)
@@ -159,7 +159,7 @@ def upcycle(hf_dir: str | Path, out: str | Path, *, num_experts: int = 4, top_k:
             if export_hf:
                 from prism_megatron.models.discriminator.export import export_hf as write_hf
 
-                log(f"[upcycle] exporting HF-style safetensors")
+                log("[upcycle] exporting HF-style safetensors")
                 write_hf(disc, tmp / "hf")
         log(f"[upcycle] wrote {out}")
         return info

@@ -1,0 +1,5 @@
+import sys
+
+from prism_megatron.pipeline.steps import main
+
+sys.exit(main())
