@@ -44,12 +44,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ensure_env() -> None:
-    """A process not started by torchrun becomes rank 0 of a world of one."""
+def _ensure_env() -> bool:
+    """A process not started by torchrun becomes rank 0 of a world of one. True when there is
+    no rendezvous to join (a world of one without MASTER_ADDR)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return os.environ["WORLD_SIZE"] == "1" and "MASTER_ADDR" not in os.environ
 
 
 def check_layout(world_size: int, tp: int, pp: int, ep: int = 1) -> int:
@@ -77,7 +77,7 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234,
 
     import megatron_patches
 
-    _ensure_env()
+    alone = _ensure_env()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -87,8 +87,11 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234,
     else:
         megatron_patches.apply_all(force=True)
     if not dist.is_initialized():
+        # A world of one needs no rendezvous: an in-memory store, so no port to pick (a port
+        # chosen free can be taken by another process before it is bound).
+        store = {"store": dist.HashStore()} if alone else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=datetime.timedelta(minutes=timeout_minutes), **store)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

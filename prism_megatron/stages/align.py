@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -188,12 +189,11 @@ def run(cfg: PrismConfig) -> dict:
     """Train; returns the last step's metrics (rank-independent)."""
     from prism_megatron.data.encode import load_processor
     from prism_megatron.data.rl import load_rl_prompts
-    from prism_megatron.data.sampler import ResumableSampler
     from prism_megatron.distributed import destroy_distributed, init_distributed, is_main_rank
     from prism_megatron.eval.heldout import PolicyEvaluator
     from prism_megatron.metrics import MetricsLogger, plot_curves, setup_logging
     from prism_megatron.models.discriminator.model import check_moe_layout, read_info
-    from prism_megatron.stages.policy_worker import PolicyWorker
+    from prism_megatron.stages.policy_worker import open_policy, resume_policy, save_due
 
     check_config(cfg)
     _, info = read_info(cfg.discriminator.megatron_dir)
@@ -203,8 +203,8 @@ def run(cfg: PrismConfig) -> dict:
     init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.discriminator.ep,
                      seed=cfg.seed)
     setup_logging()
-    worker = evaluator = None
-    try:
+    with ExitStack() as stack:
+        stack.callback(destroy_distributed)
         processor = load_processor(cfg.model.hf_dir, cfg.data.min_pixels, cfg.data.max_pixels)
         tokenizer, pad_id = processor.tokenizer, processor.tokenizer.pad_token_id
         dataset, _ = load_rl_prompts(cfg.data.train_files, processor,
@@ -214,19 +214,13 @@ def run(cfg: PrismConfig) -> dict:
                                      progress=is_main_rank())
         teachers = [pair_segments(p.teacher["teacher_caption"], p.teacher["teacher_cot"],
                                   tokenizer, p.answer) for p in dataset]
-        total = cfg.train_steps or max(1, len(dataset) // cfg.algorithm.prompts_per_step) \
-            * cfg.data.epochs
-        worker = PolicyWorker(cfg, processor, total)
+        worker, sampler, total = open_policy(cfg, processor, len(dataset), stack)
         disc = Discriminator(cfg, total, pad_id)
         vision_ids = vision_token_ids(worker.hf_config)
-        sampler = ResumableSampler(len(dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
-        resumed = worker.trainer.maybe_resume()
-        if resumed:
-            sampler.load_state_dict(resumed["sampler"])
-        start = resumed.get("step", 0)
+        start = resume_policy(worker, sampler)
         disc.resume(start)
-        worker.sync()
         evaluator = PolicyEvaluator(cfg, processor)
+        stack.callback(evaluator.shutdown)
         a, n = cfg.algorithm, cfg.rollout.n
         metrics = {}
         with MetricsLogger(cfg.logging.run_dir, total, start, desc="align",
@@ -265,8 +259,7 @@ def run(cfg: PrismConfig) -> dict:
                 if step == total and evaluator.files:
                     metrics.update(evaluator(worker.model, worker.hf_config))
                 logger.log(step, metrics)
-                if cfg.checkpoint.save_dir and (step % cfg.checkpoint.save_interval == 0
-                                                or step == total):
+                if save_due(cfg, step, total):
                     disc.trainer.save(step)      # first: a policy step always has its discriminator
                     worker.trainer.save(step, {"sampler": sampler.state_dict()})
         if cfg.logging.plots:
@@ -274,12 +267,6 @@ def run(cfg: PrismConfig) -> dict:
                                               "score_caption", "score_reasoning", "format_rate"],
                         "align_curves.png", "PRISM alignment")
         return metrics
-    finally:
-        if evaluator is not None:
-            evaluator.shutdown()
-        if worker is not None:
-            worker.shutdown()
-        destroy_distributed()
 
 
 def _student(segments, valid) -> object:

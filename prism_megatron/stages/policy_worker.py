@@ -130,3 +130,33 @@ class PolicyWorker:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+
+
+# ------------------------------------------------------------------------------ stage scaffolding
+# What the RL stages (rlvr, align) share around their step loop.
+
+def open_policy(cfg, processor, num_prompts: int, stack):
+    """The step count, the policy worker (shut down when ``stack`` closes) and the prompt
+    sampler of a stage over ``num_prompts`` prompts."""
+    from prism_megatron.data.sampler import ResumableSampler
+
+    total = cfg.train_steps or max(1, num_prompts // cfg.algorithm.prompts_per_step) \
+        * cfg.data.epochs
+    worker = PolicyWorker(cfg, processor, total)
+    stack.callback(worker.shutdown)
+    return worker, ResumableSampler(num_prompts, seed=cfg.seed, shuffle=cfg.data.shuffle), total
+
+
+def resume_policy(worker: PolicyWorker, sampler) -> int:
+    """Restore the policy (optimizer, schedule, RNG) and the sampler from the latest checkpoint,
+    then push the weights to the engine (it loaded ``model.hf_dir``). Returns the step reached."""
+    resumed = worker.trainer.maybe_resume()
+    if resumed:
+        sampler.load_state_dict(resumed["sampler"])
+    worker.sync()
+    return resumed.get("step", 0)
+
+
+def save_due(cfg, step: int, total: int) -> bool:
+    return bool(cfg.checkpoint.save_dir) and (step % cfg.checkpoint.save_interval == 0
+                                              or step == total)

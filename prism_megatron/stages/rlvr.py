@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 
 import torch
 
@@ -136,32 +137,25 @@ def run(cfg: PrismConfig) -> dict:
     """Train; returns the last step's metrics (with held-out accuracy, rank-independent)."""
     from prism_megatron.data.encode import load_processor
     from prism_megatron.data.rl import load_rl_prompts
-    from prism_megatron.data.sampler import ResumableSampler
     from prism_megatron.distributed import destroy_distributed, init_distributed, is_main_rank
     from prism_megatron.eval.heldout import PolicyEvaluator
     from prism_megatron.metrics import MetricsLogger, plot_curves, setup_logging
-    from prism_megatron.stages.policy_worker import PolicyWorker
+    from prism_megatron.stages.policy_worker import open_policy, resume_policy, save_due
 
     check_config(cfg)
     init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
     setup_logging()
-    worker = evaluator = None
-    try:
+    with ExitStack() as stack:
+        stack.callback(destroy_distributed)
         processor = load_processor(cfg.model.hf_dir, cfg.data.min_pixels, cfg.data.max_pixels)
         dataset, _ = load_rl_prompts(cfg.data.train_files, processor,
                                      max_prompt_length=cfg.data.max_prompt_length,
                                      max_skip_fraction=cfg.data.max_skip_fraction,
                                      progress=is_main_rank())
-        total = cfg.train_steps or max(1, len(dataset) // cfg.algorithm.prompts_per_step) \
-            * cfg.data.epochs
-        worker = PolicyWorker(cfg, processor, total)
-        sampler = ResumableSampler(len(dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
-        resumed = worker.trainer.maybe_resume()
-        if resumed:
-            sampler.load_state_dict(resumed["sampler"])
-        start = resumed.get("step", 0)
-        worker.sync()   # the engine loaded model.hf_dir; the policy may be a later checkpoint
+        worker, sampler, total = open_policy(cfg, processor, len(dataset), stack)
+        start = resume_policy(worker, sampler)
         evaluator = PolicyEvaluator(cfg, processor)
+        stack.callback(evaluator.shutdown)
         metrics = {}
         with MetricsLogger(cfg.logging.run_dir, total, start, desc=f"rlvr/{cfg.algorithm.name}",
                            tensorboard=cfg.logging.tensorboard,
@@ -179,19 +173,12 @@ def run(cfg: PrismConfig) -> dict:
                 if step == total and evaluator.files:
                     metrics.update(evaluator(worker.model, worker.hf_config))
                 logger.log(step, metrics)
-                if cfg.checkpoint.save_dir and (step % cfg.checkpoint.save_interval == 0
-                                                or step == total):
+                if save_due(cfg, step, total):
                     worker.trainer.save(step, {"sampler": sampler.state_dict()})
         if cfg.logging.plots:
             plot_curves(cfg.logging.run_dir, ["reward", "accuracy", "format_rate", "entropy"],
                         "rlvr_curves.png", f"RLVR ({cfg.algorithm.name})")
         return metrics
-    finally:
-        if evaluator is not None:
-            evaluator.shutdown()
-        if worker is not None:
-            worker.shutdown()
-        destroy_distributed()
 
 
 def cli(args, overrides) -> None:
