@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from prism_megatron.distributed import free_port
@@ -34,3 +36,18 @@ def run_torchrun(script: str | Path, nproc: int, *args, timeout: int = 600) -> s
                            f"{proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
                            f"--- stderr\n{proc.stderr[-8000:]}")
     return proc.stdout
+
+
+def kill_stage_after(command: str, config, history: Path, rows: int, timeout: int = 300) -> None:
+    """Start ``prism COMMAND CONFIG`` under torchrun and SIGKILL its process group once
+    ``history`` (a metrics.jsonl) has ``rows`` rows: a crash between two checkpoints."""
+    cmd, env = torchrun_command(1, ["-m", "prism_megatron.cli", command, str(config)])
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= rows:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

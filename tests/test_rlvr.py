@@ -2,16 +2,13 @@
 layouts agree on a fixed rollout batch, a killed run resumes on the same data, bad configs are
 refused in one line, and (slow) each algorithm raises held-out accuracy from the SFT policy."""
 
-import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 import yaml
 
-from dist_utils import REPO, run_torchrun, torchrun_command
+from dist_utils import REPO, kill_stage_after, run_torchrun, torchrun_command
 from prism_megatron.cli import main
 from prism_megatron.metrics import read_history
 
@@ -111,17 +108,8 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(tmp_path, rl_ass
     killed = write_config(tmp_path / "killed", rl_assets, **steps,
                           checkpoint={"save_dir": str(tmp_path / "killed" / "ckpt"),
                                       "save_interval": 2})
-    cmd, env = torchrun_command(1, ["-m", "prism_megatron.cli", "rlvr", killed])
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    history = tmp_path / "killed" / "run" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:   # kill once step 3 is logged: after the step-2 checkpoint
-        if history.exists() and len(history.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # killed once step 3 is logged: after the step-2 checkpoint
+    kill_stage_after("rlvr", killed, tmp_path / "killed" / "run" / "metrics.jsonl", rows=3)
     assert (tmp_path / "killed" / "ckpt" / "latest").read_text().strip() == "step_0000002"
     run_torchrun("-m", 1, "prism_megatron.cli", "rlvr", killed)
     a, b = read_history(tmp_path / "full" / "run"), read_history(tmp_path / "killed" / "run")

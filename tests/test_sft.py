@@ -1,15 +1,11 @@
 """Stage 1 SFT on the tiny Qwen3-VL: layouts agree, the distributed optimizer matches plain DP,
 a killed run resumes bit-exactly, and packing does not change the loss."""
 
-import signal
-import subprocess
-import time
-
 import pytest
 import torch
 import yaml
 
-from dist_utils import REPO, run_torchrun, torchrun_command
+from dist_utils import kill_stage_after, run_torchrun
 from prism_megatron.metrics import read_history
 
 STEPS = 10
@@ -73,18 +69,8 @@ def test_tp2_pp2_and_distributed_dp2_follow_tp1(tmp_path, sft_assets):
 def test_sigkill_between_checkpoints_then_resume_is_bit_exact(tmp_path, sft_assets):
     uninterrupted = run_sft(tmp_path / "full", sft_assets)
     config = write_config(tmp_path / "killed", sft_assets, checkpoint={"save_interval": 3})
-    cmd, env = torchrun_command(1, ["-m", "prism_megatron.cli", "sft", config])
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    history = tmp_path / "killed" / "run" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:   # kill once step 4 is logged: after the step-3 checkpoint
-        if history.exists() and len(history.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.2)
-    import os
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # killed once step 4 is logged: after the step-3 checkpoint
+    kill_stage_after("sft", config, tmp_path / "killed" / "run" / "metrics.jsonl", rows=4)
     assert (tmp_path / "killed" / "ckpt" / "latest").read_text().strip() == "step_0000003"
     resumed = run_sft(tmp_path / "killed", sft_assets, checkpoint={"save_interval": 3})
     assert resumed == uninterrupted  # bit-equal on CPU, steps 4.. recomputed after the resume
