@@ -40,7 +40,7 @@ from prism_megatron.models.discriminator.pairs import PairSample
 from prism_megatron.models.discriminator.segments import pair_segments
 from prism_megatron.models.discriminator.stats import PairStats, load_metrics, reduce_load
 from prism_megatron.stages.discriminator_warmup import _layout as disc_layout
-from prism_megatron.stages.discriminator_warmup import describe_save_dir, plan_step
+from prism_megatron.stages.discriminator_warmup import describe_save_dir, plan_step, weighted
 from prism_megatron.stages.rlvr import check_config as check_rl_config
 
 log = logging.getLogger("prism.align")
@@ -99,10 +99,7 @@ def online_loss_fn(batch: dict, stats: PairStats, score_reg: float, score_clip: 
                                       score_reg=score_reg, valid_global=batch["valid_global"],
                                       score_clip=score_clip)
         stats.add_pairs(tc, sc, tr, sr, valid)
-        stats.add_loss(loss.item() * rows, rows)
-        total = loss * rows
-        return total, torch.tensor(rows, dtype=torch.int), {
-            "loss": torch.stack([total.detach(), torch.tensor(float(rows))])}
+        return weighted(loss, rows, stats)
 
     return loss_fn
 

@@ -121,12 +121,18 @@ def pair_loss_fn(batch: dict, stats: PairStats):
                                         score_clip=float("inf"))
         weight = int(valid.sum()) if batch["valid_global"] > 0 else int(batch["real"].sum())
         stats.add_pairs(tc, sc, tr, sr, valid)
-        stats.add_loss(loss.item() * weight, weight)
-        total = loss * weight
-        return total, torch.tensor(weight, dtype=torch.int), {
-            "loss": torch.stack([total.detach(), torch.tensor(float(weight))])}
+        return weighted(loss, weight, stats)
 
     return loss_fn
+
+
+def weighted(loss: torch.Tensor, weight: int, stats: PairStats):
+    """A micro-batch's (loss x weight, weight, logs) for megatron, which divides the step's sum
+    by the summed weights: the step is the weight-averaged loss."""
+    stats.add_loss(loss.item() * weight, weight)
+    total = loss * weight
+    return total, torch.tensor(weight, dtype=torch.int), {
+        "loss": torch.stack([total.detach(), torch.tensor(float(weight))])}
 
 
 def make_forward(stats: PairStats):
