@@ -117,14 +117,18 @@ class Pipeline:
                 and not getattr(self.spec(stage), "skip", False) and self.marker(stage) is None)
 
     def run(self) -> dict:
+        self.run_stages()
+        results = write_results(self)
+        self.log(f"[pipeline] results: {self.work / 'results.md'}")
+        return results
+
+    def run_stages(self) -> None:
+        """Every stage in order (run, skipped or shared), without writing the results."""
         self.check_inputs()
         self.work.mkdir(parents=True, exist_ok=True)
         self.log(f"[pipeline] work dir {self.work}")
         for stage in STAGES:
             self.step(stage)
-        results = write_results(self)
-        self.log(f"[pipeline] results: {self.work / 'results.md'}")
-        return results
 
     def step(self, stage: str) -> None:
         say = lambda text: self.log(f"[pipeline] {stage:<13} {text}")   # noqa: E731
