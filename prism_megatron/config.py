@@ -113,7 +113,7 @@ class AlgorithmConfig:
     norm_adv_by_std: bool = True
     kl_coef: float = 0.0
     kl_kind: str = "low_var_kl"
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0          # entropy bonus: policy loss - entropy_coef * agg(H) (verl)
     dynamic_sampling: bool = False
     max_num_gen_batches: int = 10
     gen_batch_prompts: int = 0         # DAPO prompts per generation round; 0 = prompts_per_step

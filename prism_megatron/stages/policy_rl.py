@@ -166,22 +166,30 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     return -tensor_parallel.vocab_parallel_cross_entropy(shard, labels.clamp(min=0))
 
 
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of ``softmax(logits / T)`` per position [B, S], over the TP-sharded vocabulary."""
-    from megatron.core import parallel_state as ps
+def token_entropy(logits: torch.Tensor, vocab_size: int, temperature: float = 1.0, *,
+                  grad: bool = False) -> torch.Tensor:
+    """Entropy of ``softmax(logits / T)`` per position [B, S], over the TP-sharded vocabulary.
 
-    shard = _shard_logits(logits, vocab_size, temperature)
-    group = ps.get_tensor_model_parallel_group()
-    peak = shard.max(dim=-1).values
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    weights = torch.exp(shard - peak[..., None])
-    sums = torch.stack([weights.sum(-1),
-                        torch.where(weights > 0, weights * shard, torch.zeros_like(shard)).sum(-1)])
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sums, group=group)
-    return peak + torch.log(sums[0]) - sums[1] / sums[0]
+    ``H = m + log S0 - S1 / S0`` with ``S0 = sum exp(z - m)``, ``S1 = sum exp(z - m) z`` summed
+    over the TP shards. With ``grad`` the sums go through megatron's autograd-aware all-reduce
+    (the entropy bonus of the policy loss); the peak ``m`` only stabilises and is detached, which
+    leaves the gradient exact: ``dH/dz_v = -p_v (z_v - E_p[z])``.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        shard = _shard_logits(logits, vocab_size, temperature)
+        tp = ps.get_tensor_model_parallel_world_size()
+        peak = shard.detach().max(dim=-1).values
+        if tp > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+        weights = torch.exp(shard - peak[..., None])
+        finite = torch.where(weights > 0, shard, torch.zeros_like(shard))   # -inf pads: 0 * -inf
+        sums = torch.stack([weights.sum(-1), (weights * finite).sum(-1)])
+        if tp > 1:
+            sums = reduce_from_tensor_model_parallel_region(sums)
+        return peak + torch.log(sums[0]) - sums[1] / sums[0]
 
 
 def run_schedule(model, batches: list[dict], forward, seq_length: int, forward_only: bool):
@@ -287,12 +295,13 @@ class LossSettings:
     tis_cap: float | None = None
     kl_coef: float = 0.0
     kl_kind: str = "low_var_kl"
+    entropy_coef: float = 0.0
 
     @classmethod
     def from_config(cls, algorithm, temperature: float) -> "LossSettings":
         return cls(RATIO_LEVEL[algorithm.name], algorithm.clip_low, algorithm.clip_high,
                    algorithm.dual_clip, algorithm.loss_agg, temperature, algorithm.tis_cap,
-                   algorithm.kl_coef, algorithm.kl_kind)
+                   algorithm.kl_coef, algorithm.kl_kind, algorithm.entropy_coef)
 
 
 def make_loss_forward(settings: LossSettings, vocab_size: int, *, old_log_probs, advantages,
@@ -306,6 +315,11 @@ def make_loss_forward(settings: LossSettings, vocab_size: int, *, old_log_probs,
 
         def loss_fn(logits):
             mask = batch["loss_mask"].bool()
+            entropy = None
+            if settings.entropy_coef:
+                # Before the cross entropy, which overwrites its input in place; the entropy graph
+                # keeps only tensors derived from the logits, so no copy is needed.
+                entropy = token_entropy(logits, vocab_size, settings.temperature, grad=True)
             log_probs = token_log_probs(logits, batch["labels"], vocab_size, settings.temperature)
             old = scatter(batch, old_log_probs)
             weights = None
@@ -320,6 +334,9 @@ def make_loss_forward(settings: LossSettings, vocab_size: int, *, old_log_probs,
                 kl = kl_penalty(log_probs, scatter(batch, ref_log_probs), settings.kl_kind)
                 loss = loss + settings.kl_coef * aggregate(kl, mask, settings.agg, denominator=1.0)
                 metrics["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
+            if entropy is not None:   # verl's bonus: L - c * agg(H), aggregated like the loss
+                loss = loss - settings.entropy_coef * aggregate(entropy, mask, settings.agg,
+                                                                denominator=1.0)
             count = aggregation_denominator(mask, settings.agg)
             stats.add(metrics, float(mask.sum()))
             return loss, count.to(torch.int), {"loss": torch.stack([loss.detach(), count])}
