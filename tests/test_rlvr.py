@@ -247,3 +247,29 @@ def test_each_algorithm_raises_held_out_accuracy_from_the_sft_policy(tmp_path, s
     print("held-out accuracy before -> after:", gains)
     for name, (before, after) in gains.items():
         assert after > before, (name, gains)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_entropy_bonus_is_the_same_at_tp2(tmp_path, rl_assets):
+    """The entropy bonus sums its softmax terms over the TP vocabulary shards with an autograd-
+    aware reduce: TP2's loss and updated weights equal TP1's, and differ from the bonus-free run."""
+    results = {}
+    for name, nproc, parallel, coef in (("tp1", 1, {}, 0.05), ("tp2", 2, {"tp": 2}, 0.05),
+                                        ("plain", 1, {}, 0.0)):
+        config = write_config(tmp_path / name, rl_assets, parallel=parallel,
+                              rollout={"max_new_tokens": 32},
+                              optimizer={"lr": 1e-2, "adam_eps": 1e-3},
+                              algorithm={"name": "grpo", "prompts_per_step": 3,
+                                         "entropy_coef": coef})
+        out = tmp_path / name / "step.pt"
+        run_torchrun(REPO / "tests" / "dist" / "rlvr_step.py", nproc, config, out, timeout=600)
+        results[name] = torch.load(out)
+    ref, tp2, plain = results["tp1"], results["tp2"], results["plain"]
+    assert tp2["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], abs=1e-5)
+    # Same weights and samples before the update: loss = policy term - coef * token-mean entropy.
+    assert ref["metrics"]["loss"] == pytest.approx(
+        plain["metrics"]["loss"] - 0.05 * ref["metrics"]["entropy"], abs=1e-5)
+    for key, value in ref["weights"].items():
+        assert torch.allclose(value, tp2["weights"][key], atol=1e-5, rtol=0), key
+    assert any(not torch.equal(value, plain["weights"][key]) for key, value in ref["weights"].items())
