@@ -418,3 +418,27 @@ def test_sigterm_ends_a_decoding_batch(models, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_launch_commands_carry_the_pixel_budget(models):
+    """Managed servers get the stage's data.min/max_pixels: SGLang as --mm-process-config (the
+    HF processor's size) plus SGLANG_IMAGE_MAX_PIXELS for its own pre-resize; the CPU server as
+    --min-pixels / --max-pixels, with the client's request timeout as its deadline."""
+    engine = SGLangEngine.__new__(SGLangEngine)
+    engine.model_path, engine.tp, engine.mem_fraction = str(models[0]), 2, 0.5
+    engine.release_between_phases, engine.env, engine.request_timeout_s = False, None, 300.0
+    engine.min_pixels, engine.max_pixels = None, 589824
+    cmd = engine._default_command("sglang", ["--x"])(1, 30001)
+    i = cmd.index("--mm-process-config")
+    # shortest_edge from the checkpoint's preprocessor_config.json (the tiny preset's 4096)
+    assert json.loads(cmd[i + 1]) == {"image": {"size": {"shortest_edge": 4096,
+                                                         "longest_edge": 589824}}}
+    assert engine.env == {"SGLANG_IMAGE_MAX_PIXELS": "589824"} and cmd[-1] == "--x"
+    assert cmd[cmd.index("--base-gpu-id") + 1] == "2"
+    engine.min_pixels = 65536
+    cmd = engine._default_command("prism", [])(0, 30002)
+    assert cmd[cmd.index("--min-pixels") + 1] == "65536"
+    assert cmd[cmd.index("--max-pixels") + 1] == "589824"
+    assert cmd[cmd.index("--request-timeout-s") + 1] == "300"
+    engine.min_pixels = engine.max_pixels = None
+    assert "--mm-process-config" not in engine._default_command("sglang", [])(0, 30003)

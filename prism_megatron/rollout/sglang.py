@@ -11,7 +11,10 @@ batch form (the same ``input_ids`` / images ``n`` times) so that every sample ca
 ``sampling_seed`` (``derive_seed(seed, prompt_index, j)``, the CPU engine's seeds: both engines
 draw the same samples for the same seed). Image pads are collapsed to one per image, as vLLM and
 verl send them; the server expands them again from its own preprocessing, and a different
-expanded prompt length is reported (the trainer would then see other image tokens).
+expanded prompt length is reported (the trainer would then see other image tokens). Managed
+servers are launched with the stage's pixel budget (``min_pixels`` / ``max_pixels`` =
+``data.min_pixels`` / ``data.max_pixels``, see ``_sglang_pixel_args``) so that they expand the
+images to the trainer's token counts.
 
 Failures: connection errors, timeouts and 5xx are retried with exponential backoff; then a
 managed server that died is relaunched when ``restart_on_failure`` is set (weights loaded from
