@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 from PIL import Image
 
 from prism_megatron.data.encode import encode_prompt, load_processor
-from prism_megatron.data.images import ImageError, decode_image, fit_pixels, resolve_image
+from prism_megatron.data.images import (
+    SGLANG_IMAGE_FACTOR, ImageError, decode_image, fit_pixels, resolve_image)
 from prism_megatron.data.sharegpt import BadRow, load_images, row_messages
 
 BUDGET = 768 * 768            # LLaMA-Factory's image_max_pixels, examples/*/sft.yaml
@@ -52,6 +54,34 @@ def test_fit_pixels_sizes(size, kwargs, expected):
     out = fit_pixels(Image.new("RGB", size, "red"), **kwargs)
     assert out.size == expected
     assert out.getpixel((0, 0)) == (255, 0, 0)
+
+
+def sglang_qwen_resize(height, width, factor=28, min_pixels=4 * 28 * 28, max_pixels=BUDGET):
+    """SGLang's Qwen-VL pre-resize target (multimodal/processors/qwen_vl.py smart_resize), with
+    SGLANG_IMAGE_MAX_PIXELS = the budget, as our launch command sets it."""
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((2000, 1000), (1092, 532)), ((1500, 900), (980, 588)), ((500, 375), (504, 364)),
+    ((1000, 1000), (756, 756)), ((20, 20), (56, 56)),
+])
+def test_fit_pixels_factor_is_a_fixed_point_of_sglangs_pre_resize(size, expected):
+    """Unaligned, SGLang would resize our image again before its processor (500x375 -> 504x364:
+    176 image tokens instead of the trainer's 192); aligned to 28 px it passes through as is
+    (with at least SGLang's 4 * 28 * 28 pixels)."""
+    out = fit_pixels(Image.new("RGB", size), min_pixels=4 * 28 * 28, max_pixels=BUDGET,
+                     factor=SGLANG_IMAGE_FACTOR)
+    assert out.size == expected and out.size[0] * out.size[1] <= BUDGET
+    assert sglang_qwen_resize(out.size[1], out.size[0]) == (out.size[1], out.size[0])
+    assert sglang_qwen_resize(375, 500) == (364, 504)    # what the unaligned image would become
 
 
 def test_fit_pixels_leaves_images_inside_the_budget_alone():

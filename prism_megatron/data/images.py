@@ -40,6 +40,7 @@ from prism_megatron.data.sharegpt import BadRow
 
 REASONS = ("missing_image", "corrupt_image", "image_too_large", "remote_image", "bad_image_value")
 _MAX_PATH_CHARS = 4096          # longer strings are never file names: try base64
+SGLANG_IMAGE_FACTOR = 28       # SGLang's Qwen-VL pre-resize rounds sides to multiples of 28
 _MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 
 
@@ -117,18 +118,26 @@ def check_image(source: bytes | Path | Image.Image, where: str = "") -> None:
 
 
 def fit_pixels(image: Image.Image, *, min_pixels: int | None = None, max_pixels: int | None = None,
-               max_side: int | None = None) -> Image.Image:
+               max_side: int | None = None, factor: int | None = None) -> Image.Image:
     """Resize (aspect-preserving, bicubic) so ``w * h`` lies in ``[min_pixels, max_pixels]`` and
     ``max(w, h) <= max_side``; the upper bounds win when they conflict with ``min_pixels``.
-    An image already inside the budget is returned as is."""
+    An image already inside the budget is returned as is.
+
+    ``factor``: also make both sides multiples of it (nearest, or floored where rounding would
+    break a cap). With ``factor=SGLANG_IMAGE_FACTOR`` the image is a fixed point of SGLang's own
+    Qwen-VL pre-resize (``multimodal/processors/qwen_vl.py``: ``smart_resize`` with factor 28
+    and ``SGLANG_IMAGE_MAX_PIXELS``, before the HF processor), so an SGLang server and the
+    trainer hand the same pixels to the same processor settings.
+    """
     width, height = image.size
-    scale = 1.0
-    if max_side and max(width, height) > max_side:
-        scale = max_side / max(width, height)
-    if max_pixels and width * height * scale * scale > max_pixels:
-        scale = math.sqrt(max_pixels / (width * height))
-    if scale < 1.0:     # floor: the result never exceeds the caps
-        size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    w, h = float(width), float(height)
+    if max_side and max(w, h) > max_side:
+        w, h = w * max_side / max(w, h), h * max_side / max(w, h)
+    if max_pixels and w * h > max_pixels:
+        scale = math.sqrt(max_pixels / (w * h))
+        w, h = w * scale, h * scale
+    if w < width or h < height:       # floor: the result never exceeds the caps
+        size = (max(1, int(w)), max(1, int(h)))
     elif min_pixels and width * height < min_pixels:
         up = math.sqrt(min_pixels / (width * height))
         if max_pixels:
@@ -136,21 +145,35 @@ def fit_pixels(image: Image.Image, *, min_pixels: int | None = None, max_pixels:
         if max_side:
             up = min(up, max_side / max(width, height))
         size = (max(1, math.ceil(width * up)), max(1, math.ceil(height * up)))
-        if max_side and max(size) > max_side:
-            size = (min(size[0], max_side), min(size[1], max_side))
     else:
-        return image
+        size = (width, height)
+    if factor:
+        size = _aligned(size, factor, min_pixels, max_pixels, max_side)
     if size == (width, height):
         return image
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
+def _aligned(size: tuple[int, int], factor: int, min_pixels: int | None,
+             max_pixels: int | None, max_side: int | None) -> tuple[int, int]:
+    def sides(rounding):
+        return tuple(max(factor, int(rounding(x / factor)) * factor) for x in size)
+
+    out = sides(round)
+    if (max_pixels and out[0] * out[1] > max_pixels) or (max_side and max(out) > max_side):
+        out = sides(math.floor)
+    elif min_pixels and out[0] * out[1] < min_pixels:
+        out = sides(math.ceil)
+    return out
+
+
 def load_fitted(value: Any, *, base_dirs: Sequence[str | Path] = (), where: str = "",
                 min_pixels: int | None = None, max_pixels: int | None = None,
-                max_side: int | None = None) -> Image.Image:
+                max_side: int | None = None, factor: int | None = None) -> Image.Image:
     """``decode_image`` then ``fit_pixels``: what every loader calls."""
     return fit_pixels(decode_image(value, base_dirs=base_dirs, where=where),
-                      min_pixels=min_pixels, max_pixels=max_pixels, max_side=max_side)
+                      min_pixels=min_pixels, max_pixels=max_pixels, max_side=max_side,
+                      factor=factor)
 
 
 # ------------------------------------------------------------------------------------ helpers

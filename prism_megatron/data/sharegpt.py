@@ -92,12 +92,13 @@ def count_placeholders(messages: list[dict[str, Any]]) -> int:
 def load_images(row: dict[str, Any], base_dir: Path, expected: int, *,
                 base_dirs: tuple = (), min_pixels: int | None = None,
                 max_pixels: int | None = None, max_side: int | None = None,
-                where: str = "") -> list[Image.Image]:
+                factor: int | None = None, where: str = "") -> list[Image.Image]:
     """The row's images as RGB, fitted to the pixel budget (``data/images.py``, the one decoder).
 
     Relative paths are tried against ``base_dir`` (the data file's directory) and then each of
     ``base_dirs`` (``media_dir``, ``data.image_root``). BadRow if an image is missing, corrupt,
     too large, remote, of a wrong type, or if their number does not match the placeholders.
+    ``factor``: see ``data.images.fit_pixels`` (SGLang rollouts: ``SGLANG_IMAGE_FACTOR``).
     """
     from prism_megatron.data.images import ImageError, load_fitted   # (it imports BadRow)
 
@@ -113,4 +114,4 @@ def load_images(row: dict[str, Any], base_dir: Path, expected: int, *,
         raise BadRow("image_count_mismatch", f"{expected} placeholders, {len(values)} images")
     dirs = (base_dir, *base_dirs)
     return [load_fitted(v, base_dirs=dirs, where=where, min_pixels=min_pixels,
-                        max_pixels=max_pixels, max_side=max_side) for v in values]
+                        max_pixels=max_pixels, max_side=max_side, factor=factor) for v in values]
