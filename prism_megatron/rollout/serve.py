@@ -212,7 +212,7 @@ def parse_generate(body: Any, engine, default_max_new: int = 128):
         context = getattr(engine, "context_length", None)
         message = context and context_error(len(ids), params.max_new_tokens, context)
         if message:
-            raise ContextTooLong(message if not batch else f"{where}: {message}")
+            raise ContextTooLong(message)   # SGLang's exact text, batch or not
         seed = params.seed
         seeds = [None] * n if seed is None else [seed] if n == 1 else [
             derive_seed(seed, j) for j in range(n)]
@@ -259,6 +259,9 @@ def decode_tensor_bucket(body: Any) -> dict:
 
 
 # ------------------------------------------------------------------------------------- worker
+
+_STOP = object()                 # the worker's end-of-queue sentinel
+
 
 class _Job:
     def __init__(self, kind: str, payload: Any, deadline: float | None = None):
@@ -314,7 +317,7 @@ class BatchWorker:
         stop_event = getattr(self.engine, "stop_event", None)
         if stop_event is not None:
             stop_event.set()
-        self.queue.put(None)
+        self.queue.put(_STOP)
         self.thread.join(timeout=timeout)
 
     def _refuse(self, job: _Job, now: float) -> bool:
@@ -332,9 +335,9 @@ class BatchWorker:
     def _loop(self) -> None:
         held = None
         while True:
-            job = held or self.queue.get()
+            job = held if held is not None else self.queue.get()
             held = None
-            if job is None:
+            if job is _STOP:
                 self._drain()
                 return
             if self._refuse(job, time.monotonic()):
@@ -349,7 +352,7 @@ class BatchWorker:
                     nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                if nxt is None or nxt.kind != "generate":
+                if nxt is _STOP or nxt.kind != "generate":
                     held = nxt   # run after this batch, in arrival order
                     break
                 if self._refuse(nxt, time.monotonic()):
@@ -364,7 +367,7 @@ class BatchWorker:
                 job = self.queue.get_nowait()
             except queue.Empty:
                 return
-            if job is not None:
+            if job is not _STOP:
                 self._refuse(job, time.monotonic())
 
     def _run_batch(self, batch: list[_Job]) -> None:
