@@ -340,6 +340,31 @@ def test_deadline_frees_the_slot_and_the_next_request_is_served(limited):
     assert code == 200 and len(json.loads(text)["output_ids"]) <= 2
 
 
+def test_a_client_that_leaves_is_not_decoded_for(server):
+    """Closing the connection mid-decode cancels the request: its rows leave the batch (counted
+    in /get_server_info) long before its 4093 tokens, and the server keeps serving."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = server.servers[0].url
+    before = json.loads(_post(url + "/get_server_info", None, "GET")[1])["aborted_requests"]
+    body = json.dumps({"input_ids": [1, 2, 3], "sampling_params": {
+        "max_new_tokens": CONTEXT - 3, "ignore_eos": True, "temperature": 0}}).encode()
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.5)
+    for _ in range(600):
+        info = json.loads(_post(url + "/get_server_info", None, "GET")[1])
+        if info["aborted_requests"] > before:
+            break
+        time.sleep(0.1)
+    assert info["aborted_requests"] == before + 1
+    assert server.generate([RolloutPrompt([1, 2, 3])], PARAMS.with_(max_new_tokens=2))[0][0].token_ids
+
+
 def test_body_limits_413_and_a_larger_one_for_weight_updates(limited):
     url = limited.servers[0].url
     code, text = _raw(url, "/generate", declared=1 * 2**20 + 1)

@@ -289,6 +289,7 @@ class BatchWorker:
         self.engine, self.max_rows, self.wait_s = engine, max_rows, wait_s
         self.queue: queue.Queue = queue.Queue()
         self.weight_version = 0
+        self.aborted = 0                  # generate jobs ended early (deadline, client gone, stop)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="rollout-worker", daemon=True)
         self.thread.start()
@@ -327,6 +328,7 @@ class BatchWorker:
                                                     HTTPStatus.SERVICE_UNAVAILABLE))
             return True
         if job.kind == "generate" and job.expired(now):
+            self.aborted += 1
             job.future.set_exception(RequestAborted("the request's deadline passed while it "
                                                     "waited for a batch slot"))
             return True
@@ -388,6 +390,7 @@ class BatchWorker:
             samples = results[k:k + len(job.payload)]
             k += len(job.payload)
             if any(s.finish_reason == "abort" for group in samples for s in group):
+                self.aborted += 1
                 job.future.set_exception(
                     RequestAborted("the server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
                     if self.stopping.is_set() else
@@ -462,16 +465,19 @@ class Handler(BaseHTTPRequestHandler):
     def _wait(self, job: _Job):
         """The job's result; gives up at its deadline or when the client has gone, and cancels
         the job so the worker frees its batch slot."""
+        late = RequestAborted(f"the request did not finish within the server's "
+                              f"--request-timeout-s={self.request_timeout_s:g}; it was "
+                              f"cancelled and its batch slot freed")
         while True:
             try:
                 return job.future.result(timeout=0.25)
             except TimeoutError:
                 pass
+            except RequestAborted as e:    # the worker saw the deadline first
+                raise late if e.status == HTTPStatus.GATEWAY_TIMEOUT else e from None
             if job.deadline is not None and time.monotonic() > job.deadline:
                 job.cancel.set()
-                raise RequestAborted(f"the request did not finish within the server's "
-                                     f"--request-timeout-s={self.request_timeout_s:g}; it was "
-                                     f"cancelled and its batch slot freed")
+                raise late
             if self._client_gone():
                 job.cancel.set()
                 raise ConnectionResetError("client closed the connection")
@@ -589,6 +595,7 @@ class Handler(BaseHTTPRequestHandler):
                          "max_batch_rows": self.worker.max_rows, "version": self.server_version,
                          "context_length": getattr(self.engine, "context_length", None),
                          "request_timeout_s": self.request_timeout_s,
+                         "aborted_requests": self.worker.aborted,
                          "max_body_bytes": self.max_body_bytes,
                          "max_update_body_bytes": self.max_update_body_bytes})
 
