@@ -60,8 +60,9 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list)
     max_prompt_length: int = 2048
     max_response_length: int = 8192
-    min_pixels: Optional[int] = None
-    max_pixels: Optional[int] = None
+    min_pixels: Optional[int] = None     # image pixel budget: the processor, the rollout
+    max_pixels: Optional[int] = None     # engines and eval all get it (data/images.py)
+    max_image_side: Optional[int] = None   # longest side cap at decode (warm-up: 560 px)
     packing: bool = False
     global_batch_size: int = 32
     micro_batch_size: int = 1

@@ -265,3 +265,205 @@ def test_client_parses_sglang_responses_without_output_ids():
     with pytest.raises(RolloutServerError, match="abort"):
         client._to_sample(s, {"meta_info": {"finish_reason": {"type": "abort", "message": "x"},
                                             "output_token_logprobs": []}}, 7)
+
+
+# --------------------------------------------------------------------------- server limits
+
+CONTEXT = 4096      # the tiny preset's max_position_embeddings
+
+
+def _raw(url: str, path: str, body: bytes | None = None, *, declared: int | None = None,
+         timeout: float = 60):
+    """One request on its own connection; ``declared`` sends only the headers of a body that
+    size (an oversized upload is refused before it is read)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.putrequest("POST" if body is not None or declared else "GET", path)
+        conn.putheader("Content-Type", "application/json")
+        if body is not None or declared:
+            conn.putheader("Content-Length", str(declared if declared else len(body)))
+        conn.endheaders()
+        if body is not None and not declared:
+            conn.send(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def limited(models, tmp_path_factory):
+    """A second CPU server with a 1 s deadline and small body limits."""
+    engine = SGLangEngine(model_path=models[0], server="prism", max_retries=0, request_timeout_s=60,
+                          extra_server_args=["--num-threads", "1", "--request-timeout-s", "1",
+                                             "--max-body-mb", "1", "--max-update-body-mb", "2"],
+                          log_dir=tmp_path_factory.mktemp("limited-logs"))
+    yield engine
+    engine.shutdown()
+
+
+def test_context_cap_is_sglangs_400(server):
+    url = server.servers[0].url
+    body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 10**9}}
+    code, text = _post(url + "/generate", json.dumps(body).encode())
+    assert code == 400 and json.loads(text) == {"error": {"message": (
+        f"Requested token count exceeds the model's maximum context length of {CONTEXT} tokens. "
+        f"You requested a total of {10**9 + 3} tokens: 3 tokens from the input messages and "
+        f"{10**9} tokens for the completion. Please reduce the number of tokens in the input "
+        f"messages or the completion to fit within the limit.")}}
+    code, text = _post(url + "/generate", json.dumps(
+        {"input_ids": [5] * CONTEXT, "sampling_params": {"max_new_tokens": 1}}).encode())
+    assert code == 400 and json.loads(text)["error"]["message"] == (
+        f"The input ({CONTEXT} tokens) is longer than the model's context length ({CONTEXT} tokens).")
+    # at the cap exactly is accepted; the client sees the 400 as a request error, not retried
+    info = json.loads(_post(url + "/get_server_info", None, "GET")[1])
+    assert info["context_length"] == CONTEXT
+    with pytest.raises(RolloutRequestError, match="maximum context length of 4096 tokens"):
+        server.generate([RolloutPrompt([1, 2, 3])], PARAMS.with_(max_new_tokens=CONTEXT))
+    out = server.generate([RolloutPrompt([1, 2, 3])], PARAMS.with_(max_new_tokens=2))
+    assert len(out[0][0].token_ids) <= 2
+
+
+def test_deadline_frees_the_slot_and_the_next_request_is_served(limited):
+    url = limited.servers[0].url
+    long = {"input_ids": [1, 2, 3], "sampling_params": {
+        "max_new_tokens": CONTEXT - 3, "ignore_eos": True, "temperature": 0}}
+    code, text = _post(url + "/generate", json.dumps(long).encode())
+    assert code == 504 and "--request-timeout-s=1" in json.loads(text)["message"]
+    # the worker is free again: a small request (with the same 1 s deadline) is answered
+    code, text = _post(url + "/generate", json.dumps(
+        {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}}).encode())
+    assert code == 200 and len(json.loads(text)["output_ids"]) <= 2
+
+
+def test_a_client_that_leaves_is_not_decoded_for(server):
+    """Closing the connection mid-decode cancels the request: its rows leave the batch (counted
+    in /get_server_info) long before its 4093 tokens, and the server keeps serving."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = server.servers[0].url
+    before = json.loads(_post(url + "/get_server_info", None, "GET")[1])["aborted_requests"]
+    body = json.dumps({"input_ids": [1, 2, 3], "sampling_params": {
+        "max_new_tokens": CONTEXT - 3, "ignore_eos": True, "temperature": 0}}).encode()
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.5)
+    for _ in range(600):
+        info = json.loads(_post(url + "/get_server_info", None, "GET")[1])
+        if info["aborted_requests"] > before:
+            break
+        time.sleep(0.1)
+    assert info["aborted_requests"] == before + 1
+    assert server.generate([RolloutPrompt([1, 2, 3])], PARAMS.with_(max_new_tokens=2))[0][0].token_ids
+
+
+def test_body_limits_413_and_a_larger_one_for_weight_updates(limited):
+    url = limited.servers[0].url
+    code, text = _raw(url, "/generate", declared=1 * 2**20 + 1)
+    assert code == 413 and "--max-body-mb=1" in json.loads(text)["message"]
+    code, text = _raw(url, "/update_weights_from_tensor", declared=2 * 2**20 + 1)
+    assert code == 413 and "--max-update-body-mb=2" in json.loads(text)["message"]
+    # 1.5 MiB: too large for /generate, fine for an update route (then refused for its content)
+    blob = json.dumps({"serialized_named_tensors": ["A" * (3 * 2**19)], "load_format": "x"}).encode()
+    assert 2**20 < len(blob) < 2 * 2**20
+    code, text = _raw(url, "/update_weights_from_tensor", blob)
+    assert code == 400 and "prism_safetensors" in json.loads(text)["message"]
+    assert _raw(url, "/generate", blob)[0] == 413
+    assert _raw(url, "/health")[0] == 200
+
+
+def test_bounded_concurrent_load_all_answered(server):
+    """64 clients at once (SGLangEngine's max_concurrency): every one answered, none reset."""
+    url = server.servers[0].url
+    count = 64
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def client(i):
+        barrier.wait(30)
+        try:
+            results[i] = _raw(url, "/generate", json.dumps(
+                {"input_ids": [1, 2, 3 + i % 5], "sampling_params": {"max_new_tokens": 2}}).encode(),
+                timeout=120)
+        except Exception as e:  # noqa: BLE001 - a reset connection lands here
+            results[i] = e
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    failures = [r for r in results if not (isinstance(r, tuple) and r[0] == 200)]
+    assert failures == []
+
+
+def test_sigterm_ends_a_decoding_batch(models, tmp_path):
+    """SIGTERM while a long batch decodes: its request is answered 503 and the process exits 0
+    (the decode stops at its next step instead of running to max_new_tokens)."""
+    import subprocess
+
+    from prism_megatron.rollout.sglang import _free_port
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "prism_megatron.rollout.serve", "--model-path",
+                                 str(models[0]), "--port", str(port), "--num-threads", "1"],
+                                stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        import time
+
+        for _ in range(600):
+            try:
+                if _raw(url, "/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        answer: list = []
+        long = {"input_ids": [1, 2, 3], "sampling_params": {
+            "max_new_tokens": CONTEXT - 3, "ignore_eos": True, "temperature": 0}}
+        thread = threading.Thread(target=lambda: answer.append(
+            _raw(url, "/generate", json.dumps(long).encode(), timeout=120)))
+        thread.start()
+        time.sleep(1.0)   # let it reach the decode loop
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        thread.join(60)
+        assert answer and answer[0][0] == 503 and "shutting down" in answer[0][1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_launch_commands_carry_the_pixel_budget(models):
+    """Managed servers get the stage's data.min/max_pixels: SGLang as --mm-process-config (the
+    HF processor's size) plus SGLANG_IMAGE_MAX_PIXELS for its own pre-resize; the CPU server as
+    --min-pixels / --max-pixels, with the client's request timeout as its deadline."""
+    engine = SGLangEngine.__new__(SGLangEngine)
+    engine.model_path, engine.tp, engine.mem_fraction = str(models[0]), 2, 0.5
+    engine.release_between_phases, engine.env, engine.request_timeout_s = False, None, 300.0
+    engine.min_pixels, engine.max_pixels = None, 589824
+    cmd = engine._default_command("sglang", ["--x"])(1, 30001)
+    i = cmd.index("--mm-process-config")
+    # shortest_edge from the checkpoint's preprocessor_config.json (the tiny preset's 4096)
+    assert json.loads(cmd[i + 1]) == {"image": {"size": {"shortest_edge": 4096,
+                                                         "longest_edge": 589824}}}
+    assert engine.env == {"SGLANG_IMAGE_MAX_PIXELS": "589824"} and cmd[-1] == "--x"
+    assert cmd[cmd.index("--base-gpu-id") + 1] == "2"
+    engine.min_pixels = 65536
+    cmd = engine._default_command("prism", [])(0, 30002)
+    assert cmd[cmd.index("--min-pixels") + 1] == "65536"
+    assert cmd[cmd.index("--max-pixels") + 1] == "589824"
+    assert cmd[cmd.index("--request-timeout-s") + 1] == "300"
+    engine.min_pixels = engine.max_pixels = None
+    assert "--mm-process-config" not in engine._default_command("sglang", [])(0, 30003)

@@ -89,22 +89,29 @@ def count_placeholders(messages: list[dict[str, Any]]) -> int:
                for part in m["content"] if part["type"] == "image")
 
 
-def load_images(row: dict[str, Any], base_dir: Path, expected: int) -> list[Image.Image]:
-    """Open the row's images as RGB; BadRow if missing, corrupt or not matching placeholders."""
-    paths = row.get("images") or []
-    if isinstance(paths, str):
-        paths = [paths]
-    if len(paths) != expected:
-        raise BadRow("image_count_mismatch", f"{expected} placeholders, {len(paths)} images")
-    images = []
-    for path in paths:
-        path = Path(path)
-        path = path if path.is_absolute() else base_dir / path
-        if not path.is_file():
-            raise BadRow("missing_image", str(path))
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise BadRow("corrupt_image", f"{path}: {exc}") from None
-    return images
+def load_images(row: dict[str, Any], base_dir: Path, expected: int, *,
+                base_dirs: tuple = (), min_pixels: int | None = None,
+                max_pixels: int | None = None, max_side: int | None = None,
+                factor: int | None = None, where: str = "") -> list[Image.Image]:
+    """The row's images as RGB, fitted to the pixel budget (``data/images.py``, the one decoder).
+
+    Relative paths are tried against ``base_dir`` (the data file's directory) and then each of
+    ``base_dirs`` (``media_dir``, ``data.image_root``). BadRow if an image is missing, corrupt,
+    too large, remote, of a wrong type, or if their number does not match the placeholders.
+    ``factor``: see ``data.images.fit_pixels`` (SGLang rollouts: ``SGLANG_IMAGE_FACTOR``).
+    """
+    from prism_megatron.data.images import ImageError, load_fitted   # (it imports BadRow)
+
+    values = row.get("images")
+    if values is None:
+        values = []
+    elif isinstance(values, (str, dict, bytes, Path)):
+        values = [values]
+    elif not isinstance(values, (list, tuple)):
+        raise ImageError("bad_image_value", f"images must be a list, got {type(values).__name__}",
+                         where)
+    if len(values) != expected:
+        raise BadRow("image_count_mismatch", f"{expected} placeholders, {len(values)} images")
+    dirs = (base_dir, *base_dirs)
+    return [load_fitted(v, base_dirs=dirs, where=where, min_pixels=min_pixels,
+                        max_pixels=max_pixels, max_side=max_side, factor=factor) for v in values]

@@ -38,9 +38,6 @@ such rows fails with a ``BenchmarkError`` that names the file and the first bad 
 from __future__ import annotations
 
 import ast
-import base64
-import binascii
-import io
 import json
 import logging
 import re
@@ -52,6 +49,8 @@ from typing import Any, Callable
 from PIL import Image
 
 from prism_megatron.data.encode import encode_prompt
+from prism_megatron.data.images import ImageError, check_image, resolve_image
+from prism_megatron.data.images import decode_image as decode_any
 from prism_megatron.data.sharegpt import BadRow, row_messages
 from prism_megatron.data.template import IMAGE_PLACEHOLDER, SYSTEM_PROMPT
 from prism_megatron.errors import PrismError
@@ -148,56 +147,18 @@ def read_rows(path: Path) -> list[dict | BadRow]:
     raise BenchmarkError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl, .parquet)")
 
 
-def _check_image(data: bytes, where: str) -> bytes:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-    except Exception as exc:  # PIL raises many types for bad data
-        raise BadRow("corrupt_image", f"{where}: {exc}") from None
-    return data
-
-
 def image_source(value: Any, base_dir: Path) -> bytes | Path | Image.Image:
-    """A checked, not yet decoded image from any of the published encodings."""
-    if value is None:
-        raise BadRow("missing_image")
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict):          # HF datasets Image feature: {"bytes": ..., "path": ...}
-        if value.get("bytes"):
-            return image_source(value["bytes"], base_dir)
-        return image_source(value.get("path"), base_dir)
-    if isinstance(value, (bytes, bytearray)):
-        return _check_image(bytes(value), "embedded image")
-    if not isinstance(value, str) or not value.strip():
-        raise BadRow("missing_image", repr(value)[:60])
-    if value.startswith("data:image"):
-        value = value.split(",", 1)[-1]
-        return _check_image(_b64(value), "data URI")
-    relative = Path(value)
-    for candidate in ([relative] if relative.is_absolute() else
-                      [base_dir / relative, base_dir / "images" / relative]):
-        if candidate.is_file():
-            return candidate
-    if len(value) > 256:   # no file of that name: a bare base64 string?
-        return _check_image(_b64(value), "base64 image")
-    raise BadRow("missing_image", str(base_dir / relative))
-
-
-def _b64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRow("corrupt_image", "invalid base64") from None
+    """A checked, not yet decoded image from any of the published encodings (the one decoder,
+    ``data/images.py``): paths relative to the file's directory or its ``images/`` folder."""
+    source = resolve_image(value, base_dirs=(base_dir, base_dir / "images"))
+    check_image(source)
+    return source
 
 
 def decode_image(source: bytes | Path | Image.Image, owner: str = "") -> Image.Image:
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            return image.convert("RGB")
-    except Exception as exc:
+        return decode_any(source, where=f"item {owner}" if owner else "")
+    except ImageError as exc:
         raise BenchmarkError(f"cannot decode an image of item {owner}: {exc}") from None
 
 

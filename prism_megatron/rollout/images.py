@@ -10,64 +10,35 @@ the trainer's).
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from prism_megatron.data.images import ImageError, decode_image
 
 
 class BadImage(ValueError):
-    """An image that cannot be loaded; the message says which and why."""
+    """An image that cannot be loaded or placed; the message says which and why."""
+
+    def __init__(self, message: str, reason: str = "bad_image"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def load_image(item: Any) -> Image.Image:
-    """A PIL RGB image from a PIL image, bytes, a file path, or a base64 string / data URL.
+    """A PIL RGB image from a PIL image, bytes, a file path, an HF image struct, or a base64
+    string / data URL: ``prism_megatron.data.images.decode_image``, the one decoder.
 
     Remote URLs are refused: rollout servers run without network access to the data.
+    Raises ``BadImage`` (its ``reason`` is the decoder's, e.g. ``corrupt_image``).
     """
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    if isinstance(item, (bytes, bytearray)):
-        return _open_bytes(bytes(item))
-    if isinstance(item, Path):
-        return _open_path(item)
-    if not isinstance(item, str) or not item:
-        raise BadImage(f"expected an image (base64 string, data URL or file path), got "
-                       f"{type(item).__name__}")
-    if item.startswith(("http://", "https://")):
-        raise BadImage("remote image URLs are not supported; send the image as base64")
-    if item.startswith("data:"):
-        _, _, payload = item.partition(",")
-        return _open_bytes(_b64decode(payload))
-    if len(item) < 4096 and Path(item).is_file():
-        return _open_path(Path(item))
-    return _open_bytes(_b64decode(item))
-
-
-def _b64decode(text: str) -> bytes:
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadImage("not a readable file path and not valid base64") from None
-
-
-def _open_bytes(data: bytes) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise BadImage(f"cannot decode image bytes ({e})") from None
-
-
-def _open_path(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadImage(f"cannot read image file {path} ({e})") from None
+        return decode_image(item)
+    except ImageError as e:
+        raise BadImage(str(e), reason=e.reason) from None
 
 
 def image_to_data_url(item: Any) -> str:

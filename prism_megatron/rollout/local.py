@@ -42,13 +42,47 @@ log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class ContextLengthError(RolloutError):
+    """Prompt + max_new_tokens beyond the model's context (SGLang's wording, see ``context_error``)."""
+
+
+def context_error(prompt_tokens: int, max_new_tokens: int, context_length: int) -> str | None:
+    """SGLang's validation message for a request that does not fit the context, else None.
+
+    Same checks and wording as SGLang's ``TokenizerManager._validate_one_request``
+    (python/sglang/srt/managers/tokenizer_manager.py), so clients see one message for both
+    engines.
+    """
+    if prompt_tokens >= context_length:
+        return (f"The input ({prompt_tokens} tokens) is longer than the model's context length "
+                f"({context_length} tokens).")
+    total = prompt_tokens + max_new_tokens
+    if total > context_length:
+        return (f"Requested token count exceeds the model's maximum context length of "
+                f"{context_length} tokens. You requested a total of {total} tokens: "
+                f"{prompt_tokens} tokens from the input messages and {max_new_tokens} tokens for "
+                f"the completion. Please reduce the number of tokens in the input messages or the "
+                f"completion to fit within the limit.")
+    return None
+
+
 @dataclass
 class GenRequest:
-    """One prompt with its sampling params and one seed per wanted sample."""
+    """One prompt with its sampling params and one seed per wanted sample.
+
+    ``deadline`` (``time.monotonic()``) and ``cancel`` end its rows early (finish ``"abort"``)
+    so a request nobody waits for any more stops taking decode steps.
+    """
 
     prompt: RolloutPrompt
     params: SamplingParams
     seeds: list[int | None]
+    deadline: float | None = None
+    cancel: threading.Event | None = None
+
+    def aborted(self, now: float) -> bool:
+        return (self.deadline is not None and now > self.deadline) or \
+            (self.cancel is not None and self.cancel.is_set())
 
 
 @dataclass
@@ -68,6 +102,7 @@ class _Row:
     tokens: list[int]
     logprobs: list[float]
     finish: str | None = None
+    request: GenRequest | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,7 +185,12 @@ class LocalEngine(RolloutEngine):
     """Generation with the policy's own weights on CPU (fp32 by default)."""
 
     def __init__(self, hf_dir: str | Path, *, dtype: str = "fp32", max_batch_rows: int = 256,
-                 processor=None, num_threads: int | None = None):
+                 processor=None, num_threads: int | None = None, min_pixels: int | None = None,
+                 max_pixels: int | None = None, context_length: int | None = None):
+        """``min_pixels`` / ``max_pixels``: the stage's ``data.min_pixels`` / ``data.max_pixels``,
+        given to the processor that preprocesses raw images (as the trainer's is), so both see
+        the same image tokens. ``context_length``: prompt + max_new_tokens limit; default the
+        model's ``max_position_embeddings``."""
         from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 
         from prism_megatron.data.encode import load_processor
@@ -165,7 +205,7 @@ class LocalEngine(RolloutEngine):
         t0 = time.time()
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(
             str(hf_dir), dtype=_DTYPES[dtype]).eval()
-        self.processor = processor or load_processor(hf_dir)
+        self.processor = processor or load_processor(hf_dir, min_pixels, max_pixels)
         self.tokenizer = self.processor.tokenizer
         config = self.model.config
         self.image_token_id = config.image_token_id
@@ -179,6 +219,12 @@ class LocalEngine(RolloutEngine):
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (gen_config.pad_token_id or 0)
         self.max_batch_rows = max_batch_rows
+        model_context = config.text_config.max_position_embeddings
+        self.context_length = int(context_length or model_context)
+        if self.context_length > model_context:
+            raise RolloutError(f"context_length={self.context_length} is over the model's "
+                               f"max_position_embeddings={model_context}")
+        self.stop_event = threading.Event()   # set: every decode ends at its next step (shutdown)
         self._lock = threading.RLock()   # generation and weight updates never interleave
         self._targets = self._weight_targets()
         log.info("local rollout engine: %s loaded in %.1fs (%s)", hf_dir, time.time() - t0, dtype)
@@ -194,6 +240,10 @@ class LocalEngine(RolloutEngine):
     def run(self, requests: Sequence[GenRequest]) -> list[list[Sample]]:
         """Generate for requests that may each have their own params (the HTTP server's batches)."""
         prepared = [self.prepare(r.prompt) for r in requests]   # validate everything first
+        for r, p in zip(requests, prepared):
+            message = context_error(len(p.ids), r.params.max_new_tokens, self.context_length)
+            if message:
+                raise ContextLengthError(message)
         results: list[list[Sample]] = []
         chunk: list[int] = []
         for i, r in enumerate(requests):
@@ -227,7 +277,7 @@ class LocalEngine(RolloutEngine):
             index = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))
             cache.batch_select_indices(index)
             logits, attn, next_pos = logits[index], attn[index], next_pos[index]
-            rows = [self._new_row(r.params, seed) for r in requests for seed in r.seeds]
+            rows = [self._new_row(r, seed) for r in requests for seed in r.seeds]
             self._decode(rows, logits, cache, attn, next_pos)
         samples, k = [], 0
         for req, prep, count in zip(requests, prepared, counts):
@@ -235,10 +285,11 @@ class LocalEngine(RolloutEngine):
             k += count
         return samples
 
-    def _new_row(self, params: SamplingParams, seed: int | None) -> _Row:
+    def _new_row(self, request: GenRequest, seed: int | None) -> _Row:
+        params = request.params
         stop = () if params.ignore_eos else (*self.stop_ids, *params.stop_token_ids)
         return _Row(RowSampler.make(params.temperature, params.top_k, params.top_p, seed),
-                    frozenset(stop), params.max_new_tokens, [], [])
+                    frozenset(stop), params.max_new_tokens, [], [], request=request)
 
     def _prefill(self, prepared: list[_Prepared]):
         """Left-padded prompt forward; returns last logits, cache, mask and next positions."""
@@ -279,11 +330,14 @@ class LocalEngine(RolloutEngine):
                          len(rows), last_note - t0)
             tokens, logprobs = sample_tokens(logits, [rows[a].sampler for a in active])
             keep = []
+            now, stopping = time.monotonic(), self.stop_event.is_set()
             for k, (a, tok, lp) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
                 row = rows[a]
                 row.tokens.append(tok)
                 row.logprobs.append(lp)
-                if tok in row.stop:
+                if stopping or (row.request is not None and row.request.aborted(now)):
+                    row.finish = "abort"   # deadline passed / client gone / shutting down
+                elif tok in row.stop:
                     row.finish = "stop"
                 elif len(row.tokens) >= row.max_new:
                     row.finish = "length"

@@ -26,7 +26,17 @@ Concurrency: handler threads parse and validate (images included) and hand jobs 
 thread, which merges the generate jobs queued at that moment into one batch (one forward per
 token for all of them) and runs weight updates between batches, never during one. Malformed
 requests get a 4xx JSON error ``{"object": "error", "message": ..., "code": ...}``, never a
-traceback; SIGTERM/SIGINT finish the running batch and exit.
+traceback.
+
+Limits (flags): a request whose prompt + ``max_new_tokens`` exceeds ``--context-length`` (default
+the model's ``max_position_embeddings``) gets SGLang's answer, HTTP 400
+``{"error": {"message": "Requested token count exceeds the model's maximum context length ..."}}``;
+a request still queued or decoding after ``--request-timeout-s`` (or whose client closed the
+connection) is cancelled, its rows leave the batch at the next decode step, and it is answered
+with HTTP 504; bodies over ``--max-body-mb`` (``--max-update-body-mb`` for the weight-update
+routes) get HTTP 413 before they are read; the listen backlog is ``--listen-backlog`` (Python's
+default of 5 resets connections beyond a handful of concurrent clients). SIGTERM/SIGINT end the
+running decode at its next step, answer waiting requests with 503 and exit.
 """
 
 from __future__ import annotations
@@ -37,7 +47,9 @@ import binascii
 import json
 import logging
 import queue
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -52,11 +64,17 @@ from prism_megatron.rollout.base import (
     RolloutError, RolloutPrompt, SamplingParams, WeightUpdateError, derive_seed)
 from prism_megatron.rollout.images import (
     BadImage, expand_image_pads, preprocess_images, tokens_per_image)
-from prism_megatron.rollout.local import GenRequest, LocalEngine
+from prism_megatron.rollout.local import ContextLengthError, GenRequest, LocalEngine, context_error
 
 log = logging.getLogger("prism_megatron.rollout.serve")
 
-MAX_BODY_BYTES = 2 << 30          # weight buckets arrive as JSON too
+MB = 1 << 20
+DEFAULT_MAX_BODY_MB = 64             # /generate and the small routes
+# Weight buckets arrive as base64 inside JSON: a rollout.weight_bucket_mb=512 bucket is ~683 MiB.
+DEFAULT_MAX_UPDATE_BODY_MB = 1024
+UPDATE_ROUTES = ("/update_weights_from_tensor", "/update_weights_from_disk")
+DEFAULT_REQUEST_TIMEOUT_S = 600.0    # = rollout.request_timeout_s, the client's own limit
+DEFAULT_LISTEN_BACKLOG = 1024        # pending connections; the kernel caps it at somaxconn
 TENSOR_LOAD_FORMAT = "prism_safetensors"
 
 # sampling_params keys and the only values this server accepts for the ones it does not implement.
@@ -72,6 +90,18 @@ _IGNORED_GENERATE_KEYS = {"rid", "logprob_start_len", "return_text_in_logprobs",
 
 class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class ContextTooLong(BadRequest):
+    """Answered as SGLang's /generate answers a ValueError: HTTP 400 {"error": {"message": ...}}."""
+
+
+class RequestAborted(Exception):
+    """A generate job ended before its samples were complete (deadline, shutdown)."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.GATEWAY_TIMEOUT):
         super().__init__(message)
         self.status = status
 
@@ -179,6 +209,10 @@ def parse_generate(body: Any, engine, default_max_new: int = 128):
                 raise BadImage("the prompt has image placeholders but image_data is empty")
         except BadImage as e:
             raise BadRequest(f"{where}: image_data: {e}") from None
+        context = getattr(engine, "context_length", None)
+        message = context and context_error(len(ids), params.max_new_tokens, context)
+        if message:
+            raise ContextTooLong(message)   # SGLang's exact text, batch or not
         seed = params.seed
         seeds = [None] * n if seed is None else [seed] if n == 1 else [
             derive_seed(seed, j) for j in range(n)]
@@ -226,37 +260,90 @@ def decode_tensor_bucket(body: Any) -> dict:
 
 # ------------------------------------------------------------------------------------- worker
 
+_STOP = object()                 # the worker's end-of-queue sentinel
+
+
 class _Job:
-    def __init__(self, kind: str, payload: Any):
+    def __init__(self, kind: str, payload: Any, deadline: float | None = None):
         self.kind, self.payload, self.future = kind, payload, Future()
+        self.deadline = deadline
+        self.cancel = threading.Event()      # the handler gave up (deadline, client gone)
+        if kind == "generate":
+            for r in payload:
+                r.deadline, r.cancel = deadline, self.cancel
+
+    def expired(self, now: float) -> bool:
+        return self.cancel.is_set() or (self.deadline is not None and now > self.deadline)
 
 
 class BatchWorker:
-    """The one thread that touches the engine: merges queued generate jobs, serialises the rest."""
+    """The one thread that touches the engine: merges queued generate jobs, serialises the rest.
+
+    A generate job carries its deadline into the engine: its rows end at the first decode step
+    past it (or once its handler cancels it), so the batch slot is freed; jobs whose deadline
+    passed while queued are answered without running. ``stop()`` also ends a running decode at
+    its next step.
+    """
 
     def __init__(self, engine, max_rows: int = 256, wait_s: float = 0.005):
         self.engine, self.max_rows, self.wait_s = engine, max_rows, wait_s
         self.queue: queue.Queue = queue.Queue()
         self.weight_version = 0
+        self.aborted = 0                  # generate jobs ended early (deadline, client gone, stop)
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="rollout-worker", daemon=True)
         self.thread.start()
 
-    def submit(self, kind: str, payload: Any, timeout: float | None = None):
-        job = _Job(kind, payload)
-        self.queue.put(job)
-        return job.future.result(timeout)
+    def submit_job(self, kind: str, payload: Any, deadline: float | None = None) -> _Job:
+        job = _Job(kind, payload, deadline)
+        if self.stopping.is_set():
+            job.future.set_exception(RequestAborted("the server is shutting down",
+                                                    HTTPStatus.SERVICE_UNAVAILABLE))
+        else:
+            self.queue.put(job)
+        return job
 
-    def stop(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=60)
+    def submit(self, kind: str, payload: Any, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.submit_job(kind, payload, deadline)
+        try:
+            return job.future.result(timeout)
+        except TimeoutError:
+            job.cancel.set()
+            raise
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End promptly: the running decode stops at its next step, queued jobs are refused."""
+        self.stopping.set()
+        stop_event = getattr(self.engine, "stop_event", None)
+        if stop_event is not None:
+            stop_event.set()
+        self.queue.put(_STOP)
+        self.thread.join(timeout=timeout)
+
+    def _refuse(self, job: _Job, now: float) -> bool:
+        """Answer a job that must not run (shutdown, expired while queued); True if answered."""
+        if self.stopping.is_set():
+            job.future.set_exception(RequestAborted("the server is shutting down",
+                                                    HTTPStatus.SERVICE_UNAVAILABLE))
+            return True
+        if job.kind == "generate" and job.expired(now):
+            self.aborted += 1
+            job.future.set_exception(RequestAborted("the request's deadline passed while it "
+                                                    "waited for a batch slot"))
+            return True
+        return False
 
     def _loop(self) -> None:
         held = None
         while True:
-            job = held or self.queue.get()
+            job = held if held is not None else self.queue.get()
             held = None
-            if job is None:
+            if job is _STOP:
+                self._drain()
                 return
+            if self._refuse(job, time.monotonic()):
+                continue
             if job.kind != "generate":
                 self._run_one(job)
                 continue
@@ -267,12 +354,23 @@ class BatchWorker:
                     nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                if nxt is None or nxt.kind != "generate":
+                if nxt is _STOP or nxt.kind != "generate":
                     held = nxt   # run after this batch, in arrival order
                     break
+                if self._refuse(nxt, time.monotonic()):
+                    continue
                 batch.append(nxt)
                 rows += sum(len(r.seeds) for r in nxt.payload)
             self._run_batch(batch)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP:
+                self._refuse(job, time.monotonic())
 
     def _run_batch(self, batch: list[_Job]) -> None:
         requests = [r for job in batch for r in job.payload]
@@ -283,13 +381,23 @@ class BatchWorker:
                 for job in batch:
                     self._run_batch([job])
                 return
-            log.exception("generation failed")
+            if not isinstance(e, RolloutError):
+                log.exception("generation failed")
             batch[0].future.set_exception(e)
             return
         k = 0
         for job in batch:
-            job.future.set_result(results[k:k + len(job.payload)])
+            samples = results[k:k + len(job.payload)]
             k += len(job.payload)
+            if any(s.finish_reason == "abort" for group in samples for s in group):
+                self.aborted += 1
+                job.future.set_exception(
+                    RequestAborted("the server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
+                    if self.stopping.is_set() else
+                    RequestAborted("the request's deadline passed while it was decoding; its "
+                                   "batch slot was freed"))
+            else:
+                job.future.set_result(samples)
 
     def _run_one(self, job: _Job) -> None:
         try:
@@ -307,6 +415,19 @@ class BatchWorker:
 
 # ------------------------------------------------------------------------------------ handler
 
+_IN_FLIGHT = [0]                 # requests being handled (shutdown lets them answer first)
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def _wait_in_flight(timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with _IN_FLIGHT_LOCK:
+            if not _IN_FLIGHT[0]:
+                return
+        time.sleep(0.02)
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "prism-rollout/1"
     protocol_version = "HTTP/1.1"
@@ -314,6 +435,9 @@ class Handler(BaseHTTPRequestHandler):
     engine = None
     worker: BatchWorker = None
     default_max_new = 128
+    max_body_bytes = DEFAULT_MAX_BODY_MB * MB
+    max_update_body_bytes = DEFAULT_MAX_UPDATE_BODY_MB * MB
+    request_timeout_s = DEFAULT_REQUEST_TIMEOUT_S
 
     def log_message(self, fmt, *args):   # route http.server's access log to logging
         log.debug("%s - %s", self.address_string(), fmt % args)
@@ -329,11 +453,41 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str) -> None:
+    def _error(self, status: int, message: str, sglang_generate: bool = False) -> None:
         kind = "BadRequestError" if status < 500 else "InternalServerError"
         self.close_connection = True   # the body may not have been read: do not reuse the socket
+        if sglang_generate:   # SGLang's /generate ValueError answer (http_server.py)
+            self._send(status, {"error": {"message": message}})
+            return
         self._send(status, {"object": "error", "message": message, "type": kind, "param": None,
                             "code": status})
+
+    def _wait(self, job: _Job):
+        """The job's result; gives up at its deadline or when the client has gone, and cancels
+        the job so the worker frees its batch slot."""
+        late = RequestAborted(f"the request did not finish within the server's "
+                              f"--request-timeout-s={self.request_timeout_s:g}; it was "
+                              f"cancelled and its batch slot freed")
+        while True:
+            try:
+                return job.future.result(timeout=0.25)
+            except TimeoutError:
+                pass
+            except RequestAborted as e:    # the worker saw the deadline first
+                raise late if e.status == HTTPStatus.GATEWAY_TIMEOUT else e from None
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                job.cancel.set()
+                raise late
+            if self._client_gone():
+                job.cancel.set()
+                raise ConnectionResetError("client closed the connection")
+
+    def _client_gone(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _body(self) -> Any:
         length = self.headers.get("Content-Length")
@@ -343,8 +497,13 @@ class Handler(BaseHTTPRequestHandler):
             length = int(length)
         except ValueError:
             raise BadRequest("bad Content-Length") from None
-        if length > MAX_BODY_BYTES:
-            raise BadRequest(f"request body of {length} bytes is over the {MAX_BODY_BYTES} limit",
+        path = self.path.split("?", 1)[0].rstrip("/")
+        update = path in UPDATE_ROUTES
+        limit = self.max_update_body_bytes if update else self.max_body_bytes
+        if length > limit:
+            flag = "--max-update-body-mb" if update else "--max-body-mb"
+            raise BadRequest(f"request body of {length} bytes is over this server's limit of "
+                             f"{limit} bytes ({flag}={limit // MB})",
                              HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         raw = self.rfile.read(length) if length else b""
         if not raw:
@@ -362,6 +521,15 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method: str) -> None:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT[0] += 1
+        try:
+            self._dispatch_one(method)
+        finally:
+            with _IN_FLIGHT_LOCK:
+                _IN_FLIGHT[0] -= 1
+
+    def _dispatch_one(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         route = ROUTES.get(path)
         try:
@@ -369,7 +537,13 @@ class Handler(BaseHTTPRequestHandler):
             if route is None:
                 raise BadRequest(f"unknown endpoint {path}", HTTPStatus.NOT_FOUND)
             route(self, body)
+        except ContextTooLong as e:
+            self._error(int(e.status), str(e), sglang_generate=True)
         except BadRequest as e:
+            self._error(int(e.status), str(e))
+        except ContextLengthError as e:
+            self._error(400, str(e), sglang_generate=True)
+        except RequestAborted as e:
             self._error(int(e.status), str(e))
         except RolloutError as e:   # the engine refused the input (e.g. video tokens)
             self._error(400, str(e))
@@ -389,13 +563,16 @@ class Handler(BaseHTTPRequestHandler):
     def health_generate(self, body):
         probe = GenRequest(RolloutPrompt([self.engine.stop_ids[0] if self.engine.stop_ids else 0]),
                            SamplingParams(temperature=0, max_new_tokens=1), [None])
-        self.worker.submit("generate", [probe])
+        self._wait(self.worker.submit_job("generate", [probe], self._deadline()))
         self._send(200, text="")
+
+    def _deadline(self) -> float | None:
+        return time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
 
     def generate(self, body):
         t0 = time.time()
         requests, info, batch = parse_generate(body, self.engine, self.default_max_new)
-        results = self.worker.submit("generate", requests)
+        results = self._wait(self.worker.submit_job("generate", requests, self._deadline()))
         latency = time.time() - t0
         out = [sample_json(s, i["return_logprob"], i["max_new"], latency)
                for samples, i in zip(results, info) for s in samples]
@@ -415,7 +592,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def server_info(self, body):
         self._send(200, {"engine": "prism-cpu", "model_path": self.engine.model_path,
-                         "max_batch_rows": self.worker.max_rows, "version": self.server_version})
+                         "max_batch_rows": self.worker.max_rows, "version": self.server_version,
+                         "context_length": getattr(self.engine, "context_length", None),
+                         "request_timeout_s": self.request_timeout_s,
+                         "aborted_requests": self.worker.aborted,
+                         "max_body_bytes": self.max_body_bytes,
+                         "max_update_body_bytes": self.max_update_body_bytes})
 
     def update_disk(self, body):
         path = body.get("model_path") if isinstance(body, dict) else None
@@ -457,12 +639,23 @@ ROUTES = {
 
 
 def make_server(engine, host: str, port: int, max_rows: int = 256, batch_wait_ms: float = 5.0,
-                default_max_new: int = 128) -> tuple[ThreadingHTTPServer, BatchWorker]:
+                default_max_new: int = 128, *, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                max_body_mb: float = DEFAULT_MAX_BODY_MB,
+                max_update_body_mb: float = DEFAULT_MAX_UPDATE_BODY_MB,
+                listen_backlog: int = DEFAULT_LISTEN_BACKLOG) -> tuple[ThreadingHTTPServer, BatchWorker]:
     worker = BatchWorker(engine, max_rows, batch_wait_ms / 1000)
-    handler = type("BoundHandler", (Handler,), {"engine": engine, "worker": worker,
-                                                "default_max_new": default_max_new})
-    httpd = ThreadingHTTPServer((host, port), handler)
-    httpd.daemon_threads = True
+    handler = type("BoundHandler", (Handler,), {
+        "engine": engine, "worker": worker, "default_max_new": default_max_new,
+        "request_timeout_s": request_timeout_s, "max_body_bytes": int(max_body_mb * MB),
+        "max_update_body_bytes": int(max_update_body_mb * MB)})
+    # socketserver's default backlog is 5: concurrent clients beyond it get connection resets.
+    server_class = type("BacklogHTTPServer", (ThreadingHTTPServer,),
+                        {"request_queue_size": listen_backlog, "daemon_threads": True})
+    try:
+        httpd = server_class((host, port), handler)
+    except BaseException:
+        worker.stop(1)
+        raise
     return httpd, worker
 
 
@@ -478,34 +671,62 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="how long the worker waits for more requests to batch")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="prompt + max_new_tokens limit (default: the model's "
+                             "max_position_embeddings); longer requests get HTTP 400")
+    parser.add_argument("--request-timeout-s", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                        help="a request still queued or decoding after this long is answered "
+                             "with HTTP 504 and its batch slot freed (0: no limit)")
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                        help="largest request body, except the weight-update routes (HTTP 413)")
+    parser.add_argument("--max-update-body-mb", type=float, default=DEFAULT_MAX_UPDATE_BODY_MB,
+                        help="largest /update_weights_* body (a base64 bucket of "
+                             "rollout.weight_bucket_mb is 4/3 of it)")
+    parser.add_argument("--listen-backlog", type=int, default=DEFAULT_LISTEN_BACKLOG,
+                        help="pending connections the socket holds (size it for the clients' "
+                             "concurrency)")
+    parser.add_argument("--min-pixels", type=int, default=None,
+                        help="image processor pixel budget: the stage's data.min_pixels")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="image processor pixel budget: the stage's data.max_pixels")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [rollout-serve] %(message)s")
 
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         engine = LocalEngine(args.model_path, dtype=args.dtype, max_batch_rows=args.max_batch_rows,
-                             num_threads=args.num_threads)
+                             num_threads=args.num_threads, min_pixels=args.min_pixels,
+                             max_pixels=args.max_pixels, context_length=args.context_length)
     except (RolloutError, OSError, ValueError) as e:
         log.error("cannot load %s: %s", args.model_path, e)
         return 2
+    if stop.is_set():
+        return 0
     try:
         httpd, worker = make_server(engine, args.host, args.port, args.max_batch_rows,
-                                    args.batch_wait_ms)
+                                    args.batch_wait_ms, request_timeout_s=args.request_timeout_s,
+                                    max_body_mb=args.max_body_mb,
+                                    max_update_body_mb=args.max_update_body_mb,
+                                    listen_backlog=args.listen_backlog)
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", args.host, args.port, e)
         return 2
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    server_thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
+    server_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                     name="http", daemon=True)
     server_thread.start()
-    log.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
-    stop.wait()
+    log.info("serving %s on http://%s:%d (context %d tokens, request timeout %gs)",
+             args.model_path, args.host, args.port, engine.context_length, args.request_timeout_s)
+    while not stop.wait(0.5):
+        pass
     log.info("shutting down")
-    httpd.shutdown()      # stop accepting; in-flight handlers finish with the worker
-    worker.stop()
+    worker.stop(timeout=5)   # a running decode ends at its next step; waiting requests get 503
+    _wait_in_flight(2.0)     # let their handlers send those answers
+    httpd.shutdown()         # stop accepting
     httpd.server_close()
     return 0
 

@@ -11,7 +11,10 @@ batch form (the same ``input_ids`` / images ``n`` times) so that every sample ca
 ``sampling_seed`` (``derive_seed(seed, prompt_index, j)``, the CPU engine's seeds: both engines
 draw the same samples for the same seed). Image pads are collapsed to one per image, as vLLM and
 verl send them; the server expands them again from its own preprocessing, and a different
-expanded prompt length is reported (the trainer would then see other image tokens).
+expanded prompt length is reported (the trainer would then see other image tokens). Managed
+servers are launched with the stage's pixel budget (``min_pixels`` / ``max_pixels`` =
+``data.min_pixels`` / ``data.max_pixels``, see ``_sglang_pixel_args``) so that they expand the
+images to the trainer's token counts.
 
 Failures: connection errors, timeouts and 5xx are retried with exponential backoff; then a
 managed server that died is relaunched when ``restart_on_failure`` is set (weights loaded from
@@ -118,8 +121,12 @@ class SGLangEngine(RolloutEngine):
                  restart_on_failure: bool = False, release_memory_between_phases: bool = False,
                  max_concurrency: int = 64, image_token_id: int | None = None,
                  wire_format: str | None = None, log_dir: str | Path | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, min_pixels: int | None = None,
+                 max_pixels: int | None = None):
         self.tp, self.mem_fraction = tp, mem_fraction
+        # the stage's data.min_pixels / max_pixels: launched servers preprocess raw images with
+        # the same budget as the trainer's processor (attached servers are the operator's)
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.request_timeout_s, self.max_retries, self.backoff_s = request_timeout_s, max_retries, backoff_s
         self.restart_on_failure = restart_on_failure
         self.release_between_phases = release_memory_between_phases
@@ -180,9 +187,42 @@ class SGLangEngine(RolloutEngine):
                         "--base-gpu-id", str(k * self.tp)]
                 if self.release_between_phases:
                     cmd.append("--enable-memory-saver")
+                cmd += self._sglang_pixel_args()
+            else:
+                cmd += ["--request-timeout-s", f"{self.request_timeout_s:g}"]
+                for flag, value in (("--min-pixels", self.min_pixels),
+                                    ("--max-pixels", self.max_pixels)):
+                    if value:
+                        cmd += [flag, str(int(value))]
             return cmd + extra
 
         return command
+
+    def _sglang_pixel_args(self) -> list[str]:
+        """SGLang's image budget flags for ``data.min_pixels`` / ``data.max_pixels``.
+
+        ``--mm-process-config '{"image": {...}}'``: SGLang's BaseMultimodalProcessor
+        (python/sglang/srt/multimodal/processors/base_processor.py, ``process_mm_data``) passes
+        the ``image`` dict as ``images_kwargs`` to the HF processor call; we send transformers 5's
+        ``size={"shortest_edge", "longest_edge"}`` (both keys are required, so the one not set
+        comes from the checkpoint's preprocessor_config.json). SGLang's Qwen-VL processor also
+        pre-resizes PIL images on its own, capped by the ``SGLANG_IMAGE_MAX_PIXELS`` environment
+        variable (qwen_vl.py ``resize_image``), which is set to the same ``max_pixels``.
+        """
+        if not (self.min_pixels or self.max_pixels):
+            return []
+        size = _processor_size(Path(self.model_path)) if self.model_path else {}
+        if self.min_pixels:
+            size["shortest_edge"] = int(self.min_pixels)
+        if self.max_pixels:
+            size["longest_edge"] = int(self.max_pixels)
+            self.env = {**(self.env or {}), "SGLANG_IMAGE_MAX_PIXELS": str(int(self.max_pixels))}
+        missing = {"shortest_edge", "longest_edge"} - set(size)
+        if missing:
+            raise RolloutError(f"{self.model_path}/preprocessor_config.json has no size."
+                               f"{'/'.join(sorted(missing))}: set both data.min_pixels and "
+                               f"data.max_pixels")
+        return ["--mm-process-config", json.dumps({"image": {"size": size}})]
 
     def _start(self, s: _Server) -> None:
         log.info("launching rollout server: %s (log: %s)", " ".join(s.command), s.log_path)
@@ -449,6 +489,15 @@ class SGLangEngine(RolloutEngine):
         for s in getattr(self, "servers", []):
             if s.managed:
                 self._stop(s)
+
+
+def _processor_size(model_dir: Path) -> dict[str, int]:
+    """``{"shortest_edge", "longest_edge"}`` of the checkpoint's image processor (or {})."""
+    try:
+        size = json.loads((model_dir / "preprocessor_config.json").read_text()).get("size") or {}
+    except (OSError, ValueError):
+        return {}
+    return {k: int(size[k]) for k in ("shortest_edge", "longest_edge") if size.get(k)}
 
 
 def _config_image_token(model_dir: Path) -> int | None:
