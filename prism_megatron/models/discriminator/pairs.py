@@ -30,8 +30,9 @@ from pathlib import Path
 
 from prism_megatron.data.encode import Encoded, encode_prompt
 from prism_megatron.data.rows import (
-    PAIR_FIELDS, Row, normalise, open_tables, pair_texts, prompt_messages, row_images,
+    PAIR_FIELDS, Row, normalise, open_tables, pair_texts, row_images,
     sharegpt_dict, tagged_teacher)
+from prism_megatron.data.rows import prompt_messages as _row_prompt_messages
 from prism_megatron.data.sharegpt import BadRow, DataError, SkipStats
 from prism_megatron.data.template import SYSTEM_PROMPT
 from prism_megatron.models.discriminator.segments import SegmentIds, text_segments
@@ -51,6 +52,14 @@ class PairSample:
     prompt: Encoded
     teacher: SegmentIds
     student: SegmentIds
+
+
+def prompt_messages(row: Row | dict, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
+    """The prompt turns of a row (a ``Row`` or a stored dict of any layout): its own messages,
+    assistant turns dropped, the system prompt rule applied."""
+    if not isinstance(row, Row):
+        row = normalise(row, system_prompt=system_prompt)
+    return _row_prompt_messages(row)
 
 
 def encode_pair_row(row: Row, processor) -> PairSample:
