@@ -79,8 +79,9 @@ def _percentiles(values: list[int]) -> str:
 
 
 def inspect_source(source: str | RowSource, stage: str, processor=None, *,
-                   max_prompt_length: int = 2048, out=sys.stdout) -> SkipStats:
+                   max_prompt_length: int = 2048, out=None) -> SkipStats:
     """Reads every row of one source and prints its report; returns its counts."""
+    out = out or sys.stdout
     stats = SkipStats()
     table = open_tables([source], None, stats)[0]
     prompt_lengths, response_lengths, images = [], [], []
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
+def run(args: argparse.Namespace, out=None) -> dict[str, Any]:
+    out = out or sys.stdout
     options = RowOptions(system_prompt=args.system_prompt, image_root=args.image_root,
                          media_dir=args.media_dir)
     sources: list[Any] = [RowSource(f, options) for f in args.files]

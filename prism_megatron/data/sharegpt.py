@@ -92,11 +92,11 @@ class SkipStats:
         """Fail (one line) when more than ``max_skip_fraction`` of the rows were unusable, or
         when no row at all is usable."""
         where = f" in {what}" if what else ""
-        if self.seen and self.skipped_total / self.seen > max_skip_fraction:
-            raise DataError(f"too many unusable rows{where} ({self.summary()}); the limit is "
-                            f"data.max_skip_fraction={max_skip_fraction}")
         if self.usable == 0:
             raise DataError(f"no usable rows{where} ({self.summary()})")
+        if self.skipped_total / self.seen > max_skip_fraction:
+            raise DataError(f"too many unusable rows{where} ({self.summary()}); the limit is "
+                            f"data.max_skip_fraction={max_skip_fraction}")
 
 
 def _content_parts(text: str) -> list[dict[str, Any]]:
