@@ -382,3 +382,111 @@ def test_prepare_geo3k_round_trip(tmp_path, processor):
                          capture_output=True, text=True,
                          cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no parquet files" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- the real stages
+
+def run_stage(command: str, cfg: dict, tmp_path) -> str:
+    """``prism COMMAND`` under torchrun (1 process); its whole output (logs included)."""
+    import yaml
+
+    from dist_utils import REPO, torchrun_command
+
+    path = tmp_path / f"{command}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd, env = torchrun_command(1, ["-m", "prism_megatron.cli", command, str(path)])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def stage_assets(tiny_model_dir, tmp_path_factory):
+    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+    from prism_megatron.models.discriminator.upcycle import upcycle
+
+    root = tmp_path_factory.mktemp("layout-stages")
+    convert_hf_to_megatron(tiny_model_dir, root / "policy", fmt="torch_dist", progress=False)
+    upcycle(tiny_model_dir, root / "disc", noise_std=0.01, progress=False, log=lambda *a: None)
+    return root
+
+
+def base_config(tmp_path, model, megatron, **data) -> dict:
+    return {"seed": 0, "train_steps": 1,
+            "model": {"hf_dir": str(model), "megatron_dir": str(megatron)},
+            "optimizer": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+            "data": {"max_prompt_length": 1024, "micro_batch_size": 2, **data},
+            "checkpoint": {"save_dir": ""},
+            "logging": {"run_dir": str(tmp_path / "run"), "tensorboard": False, "plots": False}}
+
+
+@pytest.mark.slow
+def test_sft_two_steps_from_a_llamafactory_dataset(tmp_path, tiny_model_dir, stage_assets):
+    info, media = write_llamafactory(tmp_path)
+    cfg = base_config(tmp_path, tiny_model_dir, stage_assets / "policy", dataset_info=str(info),
+                      datasets=["mm_demo"], media_dir=str(media), max_response_length=128,
+                      global_batch_size=2, max_skip_fraction=0.3)
+    cfg["train_steps"] = 2
+    output = run_stage("sft", cfg, tmp_path)
+    assert "3/4 rows usable; skipped: bad_turn_order=1" in output
+    history = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
+
+
+@pytest.mark.slow
+def test_rlvr_one_step_from_a_verl_parquet(tmp_path, tiny_model_dir, stage_assets):
+    cfg = base_config(tmp_path, tiny_model_dir, stage_assets / "policy",
+                      train_files=[str(write_verl_parquet(tmp_path))], max_skip_fraction=0.3)
+    cfg.update(rollout={"engine": "local", "n": 2, "max_new_tokens": 8},
+               algorithm={"name": "grpo", "prompts_per_step": 2})
+    output = run_stage("rlvr", cfg, tmp_path)
+    assert "RL prompts: layout verl-rlhf: 3/4 rows usable; skipped: missing_answer=1" in output
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 1
+
+
+@pytest.mark.slow
+def test_align_one_step_from_a_verl_parquet(tmp_path, tiny_model_dir, stage_assets):
+    cfg = base_config(tmp_path, tiny_model_dir, stage_assets / "policy",
+                      train_files=[str(write_verl_parquet(tmp_path))], max_skip_fraction=0.3)
+    cfg.update(rollout={"engine": "local", "n": 2, "max_new_tokens": 8},
+               algorithm={"name": "prism", "prompts_per_step": 2},
+               discriminator={"megatron_dir": str(stage_assets / "disc"), "lr": 1e-3})
+    output = run_stage("align", cfg, tmp_path)
+    assert ("RL prompts: layout verl-rlhf: 3/4 rows usable; skipped: "
+            "untagged_teacher_without_answer=1") in output
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 1
+
+
+@pytest.mark.slow
+def test_warmup_two_steps_from_pairs_with_image_root(tmp_path, tiny_model_dir, stage_assets):
+    pairs, images = write_pairs(tmp_path)
+    cfg = base_config(tmp_path, tiny_model_dir, "", train_files=[str(pairs)],
+                      eval_files=[str(pairs)], image_root=str(images), max_response_length=256,
+                      global_batch_size=2, max_skip_fraction=0.25)
+    cfg["train_steps"] = 2
+    cfg["model"] = {"hf_dir": str(tiny_model_dir)}
+    cfg["discriminator"] = {"megatron_dir": str(stage_assets / "disc"), "eval_interval": 0}
+    output = run_stage("warmup", cfg, tmp_path)
+    summary = "layout warmup-pairs: 4/5 rows usable; skipped: untagged_teacher_without_answer=1"
+    assert f"pairs: train {summary}; held-out {summary}" in output
+    history = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
+
+
+def test_prism_eval_on_a_geo3k_style_verl_file(tmp_path, tiny_model_dir, capsys):
+    import yaml
+
+    from prism_megatron.cli import main
+
+    src = write_fake_geometry3k(tmp_path)
+    from prism_megatron.data.geo3k import prepare_geo3k
+
+    test = prepare_geo3k(src, tmp_path / "geo3k")["test"][0]
+    cfg = {"model": {"hf_dir": str(tiny_model_dir)}, "data": {"eval_files": [str(test)]},
+           "rollout": {"engine": "local"}, "eval": {"max_new_tokens": 4, "batch_size": 2},
+           "logging": {"run_dir": str(tmp_path / "run"), "tensorboard": False}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", str(tmp_path / "eval.yaml")]) == 0
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert json.dumps(results).count('"prompts": 2') == 1, results
