@@ -774,12 +774,14 @@ def read_rows(path: str | Path | RowSource, data_cfg: Any = None) -> Iterator[di
     """Rows of one file in any layout as sharegpt dicts (``sharegpt_dict``); a bad row comes
     as ``{"__bad_row__": (reason, detail)}``, which ``row_messages`` raises as that ``BadRow``.
     An empty or unreadable file is a ``DataError`` naming it."""
-    table = open_tables([path], data_cfg)[0]
+    stats = SkipStats()
+    table = open_tables([path], data_cfg, stats)[0]
     log.info("%s: %d rows, layout %s", table.source, len(table), table.layout)
     for i in range(len(table)):
         try:
             yield sharegpt_dict(table[i])
         except BadRow as bad:
+            stats.skip(bad)          # logs the first few with their file:line
             yield {"__bad_row__": (bad.reason, bad.detail)}
 
 
