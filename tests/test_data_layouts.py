@@ -490,3 +490,19 @@ def test_prism_eval_on_a_geo3k_style_verl_file(tmp_path, tiny_model_dir, capsys)
     assert main(["eval", str(tmp_path / "eval.yaml")]) == 0
     results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert json.dumps(results).count('"prompts": 2') == 1, results
+
+
+def test_prism_data_inspect_a_llamafactory_dataset(tmp_path, capsys):
+    from prism_megatron.data.inspect import main
+
+    info, media = write_llamafactory(tmp_path)
+    assert main(["inspect", "--dataset-info", str(info), "--dataset", "mm_demo", "--media-dir",
+                 str(media), "--stage", "sft", "--max-skip-fraction", "0.3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"{info}:mm_demo: layout llamafactory; 4 rows read, 3 usable for stage sft; "
+                      "skipped: bad_turn_order=1")
+    assert json.loads(out[-1]) == {"rows": 4, "usable": 3, "skipped": {"bad_turn_order": 1},
+                                   "layout": "llamafactory", "stage": "sft"}
+    assert main(["inspect", "--dataset", "mm_demo"]) == 2
+    assert capsys.readouterr().err == ("prism data: error: --dataset needs --dataset-info (the "
+                                       "dataset_info.json that has it)\n")
