@@ -47,6 +47,9 @@ COMMANDS: dict[str, Command] = {
     "pipeline": Command("prism_megatron.pipeline:cli",
                         "run SFT -> warm-up -> alignment -> RLVR -> eval (and the SFT -> RLVR "
                         "baseline), each stage resumable, and write a results table"),
+    "data": Command("prism_megatron.data.inspect:cli",
+                    "data tools: `prism data inspect FILE... [--stage sft|rl|align|warmup]` "
+                    "(layout, usable/skipped rows, token lengths)", takes_config=False),
     "demo": Command("prism_megatron.demo:cli",
                     "run the tiny CPU pipeline end to end and print its results",
                     takes_config=False),

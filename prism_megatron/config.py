@@ -13,6 +13,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from prism_megatron.data.template import SYSTEM_PROMPT
 from prism_megatron.errors import PrismError
 
 
@@ -69,6 +70,12 @@ class DataConfig:
     epochs: int = 1
     shuffle: bool = True
     max_skip_fraction: float = 0.01    # fail if more rows than this are unusable
+    # Default system prompt, only for rows without their own system message ("" = none).
+    system_prompt: str = SYSTEM_PROMPT
+    dataset_info: str = ""             # LLaMA-Factory dataset_info.json (SFT data registry) ...
+    datasets: list[str] = field(default_factory=list)   # ... and the dataset names it trains on
+    media_dir: str = ""                # LLaMA-Factory media_dir: base of relative image paths
+    image_root: str = ""               # base of relative image paths (warm-up pairs, others)
 
 
 @dataclass

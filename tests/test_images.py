@@ -214,3 +214,26 @@ def test_load_images_counts_bad_values(tmp_path):
         with pytest.raises(BadRow) as info:
             load_images(row, tmp_path, 1)
         assert info.value.reason == reason
+
+
+def test_row_tables_apply_the_stages_pixel_budget(tmp_path):
+    """The row readers fit every image to ``data.min_pixels/max_pixels/max_image_side``: the
+    warm-up's 560 px cap reaches the pixels the discriminator sees."""
+    import json
+    from types import SimpleNamespace
+
+    from prism_megatron.data.rows import open_rows, row_images
+
+    Image.new("RGB", (2000, 1000), (1, 2, 3)).save(tmp_path / "big.png")
+    row = {"messages": [{"role": "user", "content": "<image>Q"},
+                        {"role": "assistant", "content": "A"}], "images": ["big.png"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = SimpleNamespace(system_prompt="", image_root="", media_dir="", min_pixels=None,
+                          max_pixels=None, max_image_side=560)
+    (image,) = row_images(open_rows(tmp_path / "d.jsonl", data_cfg=cfg)[0])
+    assert image.size == (560, 280)
+    cfg.max_image_side, cfg.max_pixels = None, 768 * 768
+    (image,) = row_images(open_rows(tmp_path / "d.jsonl", data_cfg=cfg)[0])
+    assert image.size == (1086, 543)
+    (image,) = row_images(open_rows(tmp_path / "d.jsonl")[0])
+    assert image.size == (2000, 1000)

@@ -135,3 +135,24 @@ def test_sampler_is_deterministic_and_resumes_mid_epoch():
     assert sorted(first + rest[:6]) == list(range(10))
     assert ResumableSampler(10, seed=3).next_indices(4) == first
     assert ResumableSampler(10, seed=4).next_indices(10) != first + rest[:6]
+
+
+def test_bad_lines_of_any_kind_are_counted_rows_naming_file_and_line(image_dir, processor, caplog):
+    """Issue 19 item 7: a broken JSON line, ``messages`` as a string, ``images`` as an integer,
+    a non-object line and a Latin-1 line are counted bad rows (the log names file:line); the
+    good rows still load."""
+    good = {"messages": [{"role": "user", "content": "<image>Q"},
+                         {"role": "assistant", "content": RESPONSE}], "images": ["red.png"]}
+    path = image_dir / "mixed.jsonl"
+    lines = [json.dumps(good).encode(), b'{"messages": [', json.dumps(dict(good, messages="Q")).encode(),
+             json.dumps(dict(good, images=3)).encode(), b"[1, 2]",
+             json.dumps(dict(good, images=["red.png"], note="caf\u00e9"),
+                        ensure_ascii=False).encode("latin-1"), json.dumps(good).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    samples, stats = load_sft_samples([str(path)], processor, max_prompt_length=512,
+                                      max_response_length=512, max_skip_fraction=0.8,
+                                      progress=False)
+    assert len(samples) == 2 and stats.seen == 7
+    assert dict(stats.skipped) == {"bad_json": 1, "bad_messages": 1, "bad_images": 1,
+                                   "not_an_object": 1, "bad_encoding": 1}
+    assert f"{path}:2: Expecting value" in caplog.text and f"{path}:6: not UTF-8" in caplog.text

@@ -1,25 +1,29 @@
-"""Prompt datasets of the RL stages: sharegpt rows -> encoded prompts (+ answer / teacher text).
+"""Prompt datasets of the RL stages: rows of any layout -> encoded prompts (+ answer / teacher).
 
-RLVR rows carry ``answer`` (the verifiable ground truth); alignment rows carry ``teacher_caption``
-and ``teacher_cot`` (spec §1.2). Prompts are encoded once with ``encode_prompt`` (the one prompt
-builder); those longer than ``max_prompt_length`` are skipped and counted, as the reference's
-``filter_overlong_prompts`` does.
+RLVR rows carry the verifiable ground truth as ``answer`` or, in verl parquets,
+``reward_model.ground_truth``; alignment rows carry ``teacher_caption`` and ``teacher_cot``
+(spec §1.2), which are tagged here once (``rows.tagged_teacher``: untagged texts get their tags,
+an untagged cot needs the row's answer) so that a row the alignment stage cannot use is a
+counted bad row, never an error at start-up. Prompts are encoded once with ``encode_prompt`` (the
+one prompt builder); those longer than ``max_prompt_length`` are skipped and counted, as the
+reference's ``filter_overlong_prompts`` does.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from prism_megatron.data.encode import Encoded, encode_prompt
-from prism_megatron.data.sft import read_rows
-from prism_megatron.data.sharegpt import BadRow, SkipStats, count_placeholders, load_images, row_messages
+from prism_megatron.data.rows import (
+    Row, open_tables, prompt_messages, row_images, tagged_teacher)
+from prism_megatron.data.sharegpt import BadRow, DataError, SkipStats
 
 log = logging.getLogger(__name__)
+TEACHER_FIELDS = ("teacher_caption", "teacher_cot")
 
 
 @dataclass
@@ -29,6 +33,7 @@ class RLPrompt:
     answer: str | None = None        # RLVR ground truth
     teacher: dict[str, str] = field(default_factory=dict)   # teacher_caption / teacher_cot
     id: str = ""
+    data_source: str | None = None
 
     def rollout_prompt(self):
         from prism_megatron.rollout.base import RolloutPrompt
@@ -36,33 +41,48 @@ class RLPrompt:
         return RolloutPrompt.from_encoded(self.encoded, self.images)
 
 
-def load_rl_prompts(files: list[str], processor, *, max_prompt_length: int,
+def row_prompt(row: Row, processor, *, max_prompt_length: int,
+               require: tuple[str, ...] = ("answer",)) -> RLPrompt:
+    """One row -> an ``RLPrompt``, or ``BadRow`` (missing field, images, too long)."""
+    for name in require:
+        if getattr(row, name, None) is None:
+            raise BadRow("missing_" + name, row.where)
+    teacher = {}
+    if row.teacher_caption is not None and row.teacher_cot is not None:
+        try:
+            caption, cot = tagged_teacher(row.teacher_caption, row.teacher_cot, row.answer,
+                                          row.where)
+            teacher = {"teacher_caption": caption, "teacher_cot": cot}
+        except BadRow:
+            if any(f in require for f in TEACHER_FIELDS):
+                raise
+    messages = prompt_messages(row)
+    images = row_images(row)
+    encoded = encode_prompt(processor, messages, images)
+    if len(encoded.input_ids) > max_prompt_length:
+        raise BadRow("prompt_too_long", f"{row.where}: {len(encoded.input_ids)} tokens")
+    return RLPrompt(encoded, images, row.answer, teacher, row.id, row.data_source)
+
+
+def load_rl_prompts(files: list, processor, *, max_prompt_length: int,
                     require: tuple[str, ...] = ("answer",), max_skip_fraction: float = 0.01,
-                    progress: bool = True) -> tuple[list[RLPrompt], SkipStats]:
-    """Every usable row of ``files``; ``require`` names the row fields the stage needs."""
+                    progress: bool = True, data_cfg: Any = None,
+                    ) -> tuple[list[RLPrompt], SkipStats]:
+    """Every usable row of ``files`` (paths or ``rows.RowSource``s, any layout); ``require``
+    names the fields the stage needs; ``data_cfg`` gives the row options (system prompt, image
+    root) for plain paths."""
     if not files:
-        raise ValueError("data.train_files is empty: give at least one JSONL/parquet prompt file")
+        raise DataError("data.train_files is empty: give at least one JSONL/parquet prompt file")
     prompts, stats = [], SkipStats()
-    for path in files:
-        for row in tqdm(read_rows(path), desc=f"encoding {Path(path).name}", disable=not progress,
-                        leave=False):
+    for table in open_tables(files, data_cfg, stats):
+        for i in tqdm(range(len(table)), desc=f"encoding {table.path.name}",
+                      disable=not progress, leave=False):
             stats.seen += 1
             try:
-                missing = [k for k in require if row.get(k) is None or str(row[k]) == ""]
-                if missing:
-                    raise BadRow("missing_" + missing[0])
-                messages = [m for m in row_messages(row) if m["role"] != "assistant"]
-                images = load_images(row, Path(path).parent, count_placeholders(messages))
-                encoded = encode_prompt(processor, messages, images)
-                if len(encoded.input_ids) > max_prompt_length:
-                    raise BadRow("prompt_too_long")
+                prompts.append(row_prompt(table[i], processor,
+                                          max_prompt_length=max_prompt_length, require=require))
             except BadRow as bad:
-                stats.skipped[bad.reason] += 1
-                continue
-            teacher = {k: row[k] for k in ("teacher_caption", "teacher_cot") if row.get(k)}
-            answer = None if row.get("answer") is None else str(row["answer"])
-            prompts.append(RLPrompt(encoded, images, answer, teacher,
-                                    str(row.get("id", len(prompts)))))
+                stats.skip(bad)
     log.info("RL prompts: %s", stats.summary())
-    stats.check(max_skip_fraction)
+    stats.check(max_skip_fraction, ", ".join(map(str, files)))
     return prompts, stats

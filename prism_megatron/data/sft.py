@@ -14,16 +14,12 @@ from prism_megatron.data.sharegpt import BadRow, SkipStats, count_placeholders, 
 log = logging.getLogger(__name__)
 
 
-def read_rows(path: str | Path) -> Iterator[dict]:
-    """Rows of one JSONL or parquet file, read through ``datasets``."""
-    import datasets
+def read_rows(path, data_cfg=None) -> Iterator[dict]:
+    """Rows of one data file in any published layout, as sharegpt dicts
+    (``prism_megatron.data.rows.read_rows``; ``path`` may be a ``RowSource``)."""
+    from prism_megatron.data.rows import read_rows as _read_rows
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    kind = "parquet" if path.suffix == ".parquet" else "json"
-    datasets.disable_progress_bars()
-    yield from datasets.load_dataset(kind, data_files=str(path), split="train")
+    yield from _read_rows(path, data_cfg)
 
 
 def load_sft_samples(files: list[str], processor, *, max_prompt_length: int,

@@ -1,7 +1,10 @@
 """Prompt and response-format constants shared by every PRISM stage.
 
 The PRISM response format (spec §2) is requested by one system prompt, which lives here once, so SFT
-data, alignment rollouts and the discriminator all see the same text; the one regex that checks the
+data, alignment rollouts and the discriminator all see the same text. It is the default of
+``data.system_prompt``: a row that carries its own system message keeps it, the default is added
+only to rows without one (``prism_megatron.data.rows.apply_system_prompt``, the one place that
+applies the rule for every stage, the warm-up pairs and evaluation); the one regex that checks the
 format lives in ``prism_megatron.rewards.response``. The Qwen3-VL chat template used by the tiny
 test checkpoints is here as well, because the project writes it into model directories
 (transformers does not ship the template text).

@@ -1,7 +1,8 @@
 """Held-out evaluation: generate with a rollout engine, score with the verifiable scorer.
 
-Rows are sharegpt-style prompts (system + user messages, ``images``) with a ground-truth
-``answer``, as in the synthetic task's ``test.jsonl``. Greedy decoding by default; with
+Rows are prompts in any layout ``prism_megatron.data.rows`` reads (sharegpt messages as in the
+synthetic task's ``test.jsonl``, or a verl parquet such as geo3k's test split) with a ground truth
+(``answer`` or ``reward_model.ground_truth``); unusable rows are counted and logged. Greedy decoding by default; with
 ``n > 1`` and a temperature, pass@k over the samples is reported too.
 
 ``generate_and_score`` is the one generation + scoring loop: held-out files (``evaluate``) and
@@ -16,7 +17,7 @@ one table means the same thing as in the other. Every sample gets two accuracies
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,11 +25,14 @@ from typing import Any, Callable, Sequence
 from tqdm import tqdm
 
 from prism_megatron.data.encode import encode_prompt
-from prism_megatron.data.sharegpt import BadRow, count_placeholders, load_images, row_messages
+from prism_megatron.data.rows import open_tables, prompt_messages, row_images
+from prism_megatron.data.sharegpt import BadRow, DataError, SkipStats
 from prism_megatron.rewards.judge import judge_answer
 from prism_megatron.rewards.response import extract_answer
 from prism_megatron.rewards.verifiable import MAX_ANSWER_CHARS, _symbolic_judge, score_response
 from prism_megatron.rollout.base import RolloutPrompt, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,32 +111,37 @@ def summarize(scored: list[list[ScoredSample]]) -> EvalResult:
         answer_accuracy=sum(s.answer_accuracy for s in samples) / count)
 
 
-def load_eval_prompts(path: str | Path, processor, limit: int | None = None):
-    """(RolloutPrompt, ground truth) for every usable row of a JSONL file."""
-    path = Path(path)
-    items = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        messages = [m for m in row_messages(row) if m["role"] != "assistant"]
+def load_eval_prompts(path, processor, limit: int | None = None, data_cfg=None):
+    """(RolloutPrompt, ground truth) for every usable row of one file (a path or a
+    ``rows.RowSource``, any layout); rows without an answer or with unreadable images are
+    skipped and counted (the summary is logged), a file with none usable is a ``DataError``."""
+    items, stats = [], SkipStats()
+    table = open_tables([path], data_cfg, stats)[0]
+    for i in range(len(table)):
+        stats.seen += 1
         try:
-            images = load_images(row, path.parent, count_placeholders(messages))
-        except BadRow:
+            row = table[i]
+            if row.answer is None:
+                raise BadRow("missing_answer", row.where)
+            images = row_images(row)
+            encoded = encode_prompt(processor, prompt_messages(row), images)
+        except BadRow as bad:
+            stats.skip(bad)
             continue
-        encoded = encode_prompt(processor, messages, images)
-        items.append((RolloutPrompt.from_encoded(encoded, images), str(row["answer"])))
+        items.append((RolloutPrompt.from_encoded(encoded, images), row.answer))
         if limit and len(items) >= limit:
             break
+    log.info("eval %s: %s", table.source, stats.summary())
+    if not items:
+        raise DataError(f"no usable evaluation rows in {table.source} ({stats.summary()})")
     return items
 
 
 def evaluate(engine, processor, path: str | Path, *, max_new_tokens: int = 256, n: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             limit: int | None = None, batch_size: int = 32, progress: bool = True) -> EvalResult:
-    items = load_eval_prompts(path, processor, limit)
-    if not items:
-        raise ValueError(f"no usable evaluation rows in {path}")
+             limit: int | None = None, batch_size: int = 32, progress: bool = True,
+             data_cfg=None) -> EvalResult:
+    items = load_eval_prompts(path, processor, limit, data_cfg)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                             seed=seed)
     scored = generate_and_score(engine, items, lambda item: item, params, n=n,
@@ -178,7 +187,8 @@ class PolicyEvaluator:
                                   max_new_tokens=e.max_new_tokens, n=e.n,
                                   temperature=e.temperature, top_p=e.top_p,
                                   limit=e.limit or None,
-                                  batch_size=e.batch_size, seed=self.cfg.seed)
+                                  batch_size=e.batch_size, seed=self.cfg.seed,
+                                  data_cfg=self.cfg.data)
                 name = Path(path).stem
                 metrics.update({f"eval/{name}/accuracy": result.accuracy,
                                 f"eval/{name}/format_rate": result.format_rate,

@@ -208,7 +208,7 @@ def run(cfg: PrismConfig) -> dict:
                                      max_prompt_length=cfg.data.max_prompt_length,
                                      require=("teacher_caption", "teacher_cot"),
                                      max_skip_fraction=cfg.data.max_skip_fraction,
-                                     progress=is_main_rank())
+                                     progress=is_main_rank(), data_cfg=cfg.data)
         teachers = [pair_segments(p.teacher["teacher_caption"], p.teacher["teacher_cot"],
                                   tokenizer, p.answer) for p in dataset]
         worker, sampler, total = open_policy(cfg, processor, len(dataset), stack)

@@ -213,9 +213,11 @@ def run(cfg: PrismConfig) -> dict:
         processor = load_processor(cfg.model.hf_dir, cfg.data.min_pixels, cfg.data.max_pixels)
         max_length = cfg.data.max_prompt_length + cfg.data.max_response_length
         train, train_stats = load_pairs(cfg.data.train_files, processor, max_length=max_length,
-                                        max_skip_fraction=cfg.data.max_skip_fraction)
+                                        max_skip_fraction=cfg.data.max_skip_fraction,
+                                        data_cfg=cfg.data)
         heldout, eval_stats = load_pairs(cfg.data.eval_files, processor, max_length=max_length,
-                                         max_skip_fraction=cfg.data.max_skip_fraction)
+                                         max_skip_fraction=cfg.data.max_skip_fraction,
+                                         data_cfg=cfg.data)
         log.info("pairs: train %s; held-out %s", train_stats.summary(), eval_stats.summary())
         log.info("format-invalid students: train %d/%d, held-out %d/%d",
                  sum(not p.student.valid for p in train), len(train),

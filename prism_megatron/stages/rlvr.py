@@ -151,7 +151,7 @@ def run(cfg: PrismConfig) -> dict:
         dataset, _ = load_rl_prompts(cfg.data.train_files, processor,
                                      max_prompt_length=cfg.data.max_prompt_length,
                                      max_skip_fraction=cfg.data.max_skip_fraction,
-                                     progress=is_main_rank())
+                                     progress=is_main_rank(), data_cfg=cfg.data)
         worker, sampler, total = open_policy(cfg, processor, len(dataset), stack)
         start = resume_policy(worker, sampler)
         evaluator = PolicyEvaluator(cfg, processor)

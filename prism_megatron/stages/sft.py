@@ -19,6 +19,7 @@ from prism_megatron.config import PrismConfig
 from prism_megatron.data.collate import collate, pack_greedy, segment_attention_mask
 from prism_megatron.data.encode import load_processor
 from prism_megatron.data.sampler import ResumableSampler
+from prism_megatron.data.rows import row_sources
 from prism_megatron.data.sft import load_sft_samples
 from prism_megatron.eval.heldout import PolicyEvaluator
 from prism_megatron.metrics import MetricsLogger, plot_curves, setup_logging
@@ -70,7 +71,7 @@ def run(cfg: PrismConfig) -> dict:
     try:
         processor = load_processor(cfg.model.hf_dir, cfg.data.min_pixels, cfg.data.max_pixels)
         samples, stats = load_sft_samples(
-            cfg.data.train_files, processor, max_prompt_length=cfg.data.max_prompt_length,
+            row_sources(cfg.data), processor, max_prompt_length=cfg.data.max_prompt_length,
             max_response_length=cfg.data.max_response_length,
             max_skip_fraction=cfg.data.max_skip_fraction, progress=ps.get_data_parallel_rank() == 0)
         log.info("data: %s", stats.summary())

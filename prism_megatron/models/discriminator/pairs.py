@@ -1,14 +1,17 @@
 """Pairwise teacher-vs-student data for the discriminator warm-up (spec §3.6).
 
-A row (JSONL or parquet) holds one prompt and one teacher and one student response, split:
-    {"prompt" | "question": "...", "image": "a.png" (optional),       # spec §3.6 layout, or
-     "messages": [{"role": "system", ...}, {"role": "user", ...}], "images": [...],
-     "teacher_caption": "...", "teacher_cot": "...", "student_caption": "...", "student_cot": "..."}
-Rows with ``teacher_response`` / ``student_response`` instead are split with the response parser.
-Each usable row gives two comparisons (caption, reasoning). Teacher texts get their tags when they
-lack them (spec §9.2; an untagged cot needs the row's ``answer``) and must then be format-valid,
-else the row is skipped; a student is kept as written and is marked invalid when its format is
-wrong (it still runs through the model, its pairs are excluded from the loss).
+A row holds one prompt and one teacher and one student response, split, in any layout that
+``prism_megatron.data.rows`` reads (the spec §3.6 warm-up layout ``{"prompt" | "question",
+"image", "teacher_caption", "teacher_cot", "student_caption", "student_cot"}`` with image paths
+relative to ``data.image_root``, or sharegpt/verl prompts with the same four fields). Rows with
+``teacher_response`` / ``student_response`` instead are split with the response parser. Each
+usable row gives two comparisons (caption, reasoning). Teacher texts get their tags when they lack
+them (``rows.tagged_teacher``: an untagged cot needs the row's answer, ``answer`` or
+``reward_model.ground_truth``) and must then be format-valid, else the row is skipped; an untagged
+student caption is wrapped, the student's cot is kept as written and a format-invalid student is
+marked invalid (it still runs through the model, its pairs are excluded from the loss). When more
+than ``data.max_skip_fraction`` of the pairs have no valid student the warm-up refuses to start:
+it would otherwise train on the teacher-only fallback term alone.
 
 ``python -m prism_megatron.models.discriminator.pairs --data-dir D --out-dir O`` writes pair files
 from the synthetic task: teacher = the dense demonstration of each prompt, student = an
@@ -20,19 +23,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from prism_megatron.data.encode import Encoded, encode_prompt
-from prism_megatron.data.sharegpt import (
-    BadRow, SkipStats, count_placeholders, load_images, row_messages)
-from prism_megatron.data.template import IMAGE_PLACEHOLDER, SYSTEM_PROMPT
-from prism_megatron.models.discriminator.segments import (
-    SegmentIds, ensure_caption_tags, ensure_reasoning_tags, text_segments)
+from prism_megatron.data.rows import (
+    PAIR_FIELDS, Row, normalise, open_tables, pair_texts, row_images,
+    sharegpt_dict, tagged_teacher)
+from prism_megatron.data.rows import prompt_messages as _row_prompt_messages
+from prism_megatron.data.sharegpt import BadRow, DataError, SkipStats
+from prism_megatron.data.template import SYSTEM_PROMPT
+from prism_megatron.models.discriminator.segments import SegmentIds, text_segments
 from prism_megatron.rewards.response import split_segments
 
-PAIR_FIELDS = ("teacher_caption", "teacher_cot", "student_caption", "student_cot")
+log = logging.getLogger(__name__)
+
+__all__ = ["PAIR_FIELDS", "PairSample", "encode_pair_row", "load_pairs", "policy_pair_rows",
+           "write_policy_pairs", "write_synthetic_pairs"]
 
 
 @dataclass
@@ -45,75 +54,54 @@ class PairSample:
     student: SegmentIds
 
 
-def prompt_messages(row: dict) -> list[dict]:
-    """The prompt turns of a row: its own ``messages`` (assistant turns dropped) or, for the
-    spec §3.6 layout, the format system prompt + one user turn (image placeholder + question)."""
-    if row.get("messages") or row.get("conversations"):
-        messages = [m for m in row_messages(row) if m["role"] != "assistant"]
-    else:
-        question = row.get("prompt") or row.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise BadRow("no_prompt")
-        image = IMAGE_PLACEHOLDER if row.get("image") and IMAGE_PLACEHOLDER not in question else ""
-        messages = row_messages({"messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                                              {"role": "user", "content": image + question}]})
-    if not any(m["role"] == "user" for m in messages):
-        raise BadRow("no_user_turn")
-    return messages
+def prompt_messages(row: Row | dict, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
+    """The prompt turns of a row (a ``Row`` or a stored dict of any layout): its own messages,
+    assistant turns dropped, the system prompt rule applied."""
+    if not isinstance(row, Row):
+        row = normalise(row, system_prompt=system_prompt)
+    return _row_prompt_messages(row)
 
 
-def _student_text(caption: str, cot: str) -> str:
-    """A student is kept as written: a missing or malformed tag makes it format-invalid (its
-    pairs leave the loss) instead of being repaired into a valid-looking response."""
-    return f"{caption.strip()}\n{cot.strip()}"
-
-
-def row_texts(row: dict) -> tuple[str, str]:
-    """(teacher response text, student response text) of a row, tags ensured for the teacher."""
-    if all(isinstance(row.get(f), str) and row[f].strip() for f in PAIR_FIELDS):
-        answer = row.get("answer") if isinstance(row.get("answer"), str) else None
-        teacher = (f"{ensure_caption_tags(row['teacher_caption'])}\n"
-                   f"{ensure_reasoning_tags(row['teacher_cot'], answer)}")
-        return teacher, _student_text(row["student_caption"], row["student_cot"])
-    if all(isinstance(row.get(f), str) for f in ("teacher_response", "student_response")):
-        return row["teacher_response"], row["student_response"]
-    raise BadRow("missing_pair_fields")
-
-
-def encode_pair_row(row: dict, base_dir: Path, processor) -> PairSample:
-    teacher_text, student_text = row_texts(row)
+def encode_pair_row(row: Row, processor) -> PairSample:
+    """A pair row -> its prompt and segments, or ``BadRow``."""
+    teacher_text, student_text = pair_texts(row)
     tokenizer = processor.tokenizer
     teacher = text_segments(teacher_text, tokenizer)
     if not teacher.valid:
-        raise BadRow("invalid_teacher", teacher_text[:80])
+        raise BadRow("invalid_teacher", f"{row.where}: {teacher_text[:80]!r}")
     student = text_segments(student_text, tokenizer)
-    messages = prompt_messages(row)
-    image_row = dict(row, images=row.get("images") or ([row["image"]] if row.get("image") else []))
-    images = load_images(image_row, base_dir, count_placeholders(messages))
-    prompt = encode_prompt(processor, messages, images)
-    return PairSample(str(row.get("id", "")), prompt, teacher, student)
+    prompt = encode_prompt(processor, prompt_messages(row), row_images(row))
+    return PairSample(row.id, prompt, teacher, student)
 
 
-def load_pairs(files: list[str], processor, *, max_length: int = 8192,
-               max_skip_fraction: float = 0.01) -> tuple[list[PairSample], SkipStats]:
-    """Every usable row of ``files``; rows whose longest sequence exceeds ``max_length`` are
-    skipped (spec §3.6 truncates at 8192; truncation would cut the scored closing tag)."""
-    from prism_megatron.data.sft import read_rows
-
+def load_pairs(files: list, processor, *, max_length: int = 8192,
+               max_skip_fraction: float = 0.01, data_cfg=None,
+               ) -> tuple[list[PairSample], SkipStats]:
+    """Every usable row of ``files`` (paths or ``rows.RowSource``s); rows whose longest sequence
+    exceeds ``max_length`` are skipped (spec §3.6 truncates at 8192; truncation would cut the
+    scored closing tag). ``DataError`` when too many rows are unusable or when more than
+    ``max_skip_fraction`` of the pairs have no format-valid student."""
     samples, stats = [], SkipStats()
-    for path in files:
-        for row in read_rows(path):
+    for table in open_tables(files, data_cfg, stats):
+        for i in range(len(table)):
             stats.seen += 1
             try:
-                sample = encode_pair_row(row, Path(path).parent, processor)
+                sample = encode_pair_row(table[i], processor)
                 longest = max(len(s) for s in (sample.teacher.caption, sample.teacher.reasoning,
                                                sample.student.caption, sample.student.reasoning))
                 if len(sample.prompt.input_ids) + longest > max_length:
-                    raise BadRow("too_long")
+                    raise BadRow("too_long", table.where(i))
                 samples.append(sample)
             except BadRow as bad:
-                stats.skipped[bad.reason] += 1
-    stats.check(max_skip_fraction)
+                stats.skip(bad)
+    what = ", ".join(map(str, files))
+    stats.check(max_skip_fraction, what)
+    invalid = sum(not s.student.valid for s in samples)
+    if invalid / len(samples) > max_skip_fraction:
+        raise DataError(f"{invalid}/{len(samples)} pairs in {what} have no format-valid student "
+                        "(<caption>..</caption> <think>..</think> <answer>..</answer>); the "
+                        "warm-up would train on the teacher-only fallback term. Fix the student "
+                        f"texts or raise data.max_skip_fraction={max_skip_fraction}")
     return samples, stats
 
 
@@ -170,33 +158,47 @@ def write_synthetic_pairs(data_dir: str | Path, out_dir: str | Path, seed: int =
     return paths
 
 
-def policy_pair_rows(rows: list[dict], base_dir: Path, engine, processor, params,
-                     n: int = 1) -> list[dict]:
+def policy_pair_rows(rows: list, base_dir: Path, engine, processor, params, n: int = 1,
+                     system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
     """Pair rows whose students are the policy's own samples (spec §3.6: the SFT policy's
     responses to the same prompts), ``n`` per prompt, from a rollout engine
-    (``prism_megatron.rollout.make_engine``). ``rows`` carry the teacher fields (e.g. the
-    synthetic ``align`` split). A format-invalid sample is kept (its fallback halves): the warm-up
-    runs it and leaves it out of the loss."""
+    (``prism_megatron.rollout.make_engine``). ``rows`` (``rows.Row``s or stored dicts of any
+    layout, e.g. verl alignment rows) carry the teacher fields; their teacher texts are tagged
+    and their images made self-contained in the written rows. A format-invalid sample is kept
+    (its fallback halves): the warm-up runs it and leaves it out of the loss."""
     from prism_megatron.rollout import RolloutPrompt
 
-    prompts, kept = [], []
-    for row in rows:
-        messages = prompt_messages(row)
-        images = load_images(row, base_dir, count_placeholders(messages))
-        encoded = encode_prompt(processor, messages, images)
+    prompts, kept, stats = [], [], SkipStats()
+    for k, row in enumerate(rows):
+        stats.seen += 1
+        try:
+            if not isinstance(row, Row):
+                row = normalise(row, where=f"{base_dir}[row {k}]", base_dirs=(base_dir,),
+                                system_prompt=system_prompt)
+            if row.teacher_caption is None or row.teacher_cot is None:
+                raise BadRow("missing_teacher", f"{row.where}: no teacher_caption/teacher_cot")
+            caption, cot = tagged_teacher(row.teacher_caption, row.teacher_cot, row.answer,
+                                          row.where)
+            images = row_images(row)
+            encoded = encode_prompt(processor, prompt_messages(row), images)
+        except BadRow as bad:
+            stats.skip(bad)
+            continue
         prompts.append(RolloutPrompt.from_encoded(encoded, images))
-        kept.append(row)
+        plain = sharegpt_dict(row)
+        kept.append({"id": row.id, "messages": [m for m in plain["messages"]
+                                                if m["role"] != "assistant"],
+                     "images": plain["images"], "teacher_caption": caption,
+                     "teacher_cot": cot, "answer": row.answer})
+    log.info("pair prompts: %s", stats.summary())
+    if not kept:
+        raise DataError(f"no usable pair prompts ({stats.summary()})")
     out = []
     for row, samples in zip(kept, engine.generate(prompts, params, n=n)):
         for j, sample in enumerate(samples):
             parts = split_segments(sample.text)
-            out.append({"id": f"{row.get('id', '')}-s{j}",
-                        "messages": [m for m in row["messages"] if m["role"] != "assistant"],
-                        "images": [str((base_dir / p).resolve()) for p in row.get("images", [])],
-                        "teacher_caption": row["teacher_caption"],
-                        "teacher_cot": row["teacher_cot"],
-                        "student_caption": parts.caption, "student_cot": parts.reasoning,
-                        "answer": row.get("answer")})
+            out.append(dict(row, id=f"{row['id']}-s{j}", student_caption=parts.caption,
+                            student_cot=parts.reasoning))
     return out
 
 
