@@ -91,7 +91,7 @@ def plan(cfg: PrismConfig) -> list[tuple[str, str, Path]]:
 def load_set(name: str, kind: str, path: Path, processor, cfg: PrismConfig) -> EvalSet:
     limit = cfg.eval.limit or None
     if kind == "heldout":
-        items = load_eval_prompts(path, processor, limit)
+        items = load_eval_prompts(path, processor, limit, cfg.data)
         if not items:
             raise PrismError(f"evaluation set {name}: no usable rows in {path}")
         return EvalSet(name, kind, path, items, [str(i) for i in range(len(items))],
@@ -150,7 +150,7 @@ def run(cfg: PrismConfig, *, progress: bool = True) -> dict:
     run_dir = Path(cfg.logging.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
-    engine = make_engine(cfg.rollout, cfg.model.hf_dir)
+    engine = make_engine(cfg.rollout, cfg.model.hf_dir, cfg.data)
     try:
         with open(run_dir / "eval_samples.jsonl", "w") as samples_file:
             for name, kind, path in planned:

@@ -169,7 +169,7 @@ class PolicyEvaluator:
             from omegaconf import OmegaConf
             local = OmegaConf.structured(cfg.rollout)
             local.engine = "local"   # evaluation of the trainer's weights happens in-process
-            self.engine = make_engine(OmegaConf.to_object(local), cfg.model.hf_dir)
+            self.engine = make_engine(OmegaConf.to_object(local), cfg.model.hf_dir, cfg.data)
 
     def __call__(self, model, hf_config) -> dict[str, float]:
         import torch.distributed as dist

@@ -44,11 +44,12 @@ def _pairs_step(policy, hf_dir, align_file, out, seed, samples, heldout_rows, ma
     if len(rows) <= heldout_rows:
         raise PrismError(f"{align_file} has {len(rows)} rows: not enough for "
                          f"pairs.heldout_rows={heldout_rows} plus training pairs")
-    rollout = (load_config(rollout_config, overrides) if rollout_config else PrismConfig()).rollout
+    cfg = load_config(rollout_config, overrides) if rollout_config else PrismConfig()
+    rollout = cfg.rollout
     if not rollout_config:
         rollout.engine = "local"
-    processor = load_processor(policy_hf)
-    engine = make_engine(rollout, policy_hf)
+    processor = load_processor(policy_hf, cfg.data.min_pixels, cfg.data.max_pixels)
+    engine = make_engine(rollout, policy_hf, cfg.data)
     base = Path(align_file).parent
     try:
         for name, part, n in (("train", rows[:-heldout_rows], samples),

@@ -31,14 +31,19 @@ def sampling_params(rollout_cfg, *, seed: int | None = None, max_new_tokens: int
                           seed=seed, **overrides)
 
 
-def make_engine(rollout_cfg, hf_dir: str | Path, **kwargs) -> RolloutEngine:
+def make_engine(rollout_cfg, hf_dir: str | Path, data_cfg=None, **kwargs) -> RolloutEngine:
     """The engine ``rollout.engine`` names, for the policy checkpoint ``hf_dir``.
+
+    ``data_cfg`` (the stage's ``data`` section) gives the pixel budget, so the engine expands
+    each image into the same number of tokens as the trainer's processor.
 
     ``local``: the CPU engine in this process. ``sglang``: attach to ``rollout.urls`` if given,
     else launch ``rollout.num_servers`` managed servers (``rollout.server``: sglang on GPUs, or
     the CPU ``prism`` server). ``kwargs`` go to the engine's constructor.
     """
     engine = rollout_cfg.engine
+    if data_cfg is not None:
+        kwargs = {"min_pixels": data_cfg.min_pixels, "max_pixels": data_cfg.max_pixels, **kwargs}
     if engine == "local":
         from prism_megatron.rollout.local import LocalEngine
 
