@@ -59,14 +59,15 @@ def sft_forward(batch: dict, model):
 
 def run(cfg: PrismConfig) -> dict:
     """Train; returns the final metrics (rank-independent)."""
+    from prism_megatron.preflight import check_paths
+
+    check_paths(cfg, "sft")   # paths, config.json, TP/PP vs heads/layers: before any work
     from megatron.core import parallel_state as ps
 
     from prism_megatron.distributed import destroy_distributed, init_distributed
     from prism_megatron.models.qwen3_vl.model import build_qwen3vl_model, load_initial_weights
     from prism_megatron.models.qwen3_vl.rope import rope_index_for_sample
-    from prism_megatron.preflight import check_paths
 
-    check_paths(cfg, "sft")   # paths, config.json, TP/PP vs heads/layers: before any work
     setup_logging()
     init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
     try:

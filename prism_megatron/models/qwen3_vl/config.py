@@ -66,8 +66,9 @@ def read_config_json(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not Path(hf_dir).is_dir():
         raise Qwen3VLConfigError(f"model directory {hf_dir} does not exist (prism runs offline: "
-                                 f"download the checkpoint first, e.g. `hf download "
-                                 f"Qwen/Qwen3-VL-8B-Instruct --local-dir DIR`)")
+                                 f"give a local HF checkpoint directory, e.g. from `hf download "
+                                 f"Qwen/Qwen3-VL-8B-Instruct --local-dir DIR`, or a tiny test "
+                                 f"model from tools/make_tiny_qwen3vl.py --out DIR)")
     if not path.is_file():
         raise Qwen3VLConfigError(f"no config.json in {hf_dir}: pass a Qwen3-VL HF checkpoint dir")
     try:
