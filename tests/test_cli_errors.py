@@ -274,6 +274,44 @@ def test_other_ranks_stay_silent_before_distributed_init(capsys, monkeypatch):
     assert capsys.readouterr().err == "prism sft: error: same on every rank\n"
 
 
+class FakeStore:
+    """The torch.distributed store as ``errors._should_print`` uses it (set / wait / get)."""
+
+    def __init__(self, rank0_message=None):
+        self.data = {} if rank0_message is None else {"prism_error/0": rank0_message.encode()}
+
+    def set(self, key, value):
+        self.data[key] = value.encode()
+
+    def wait(self, keys, timeout):
+        if not all(k in self.data for k in keys):
+            raise RuntimeError("timed out")
+
+    def get(self, key):
+        return self.data[key]
+
+
+@pytest.mark.parametrize("rank0, printed", [
+    ("same on every rank", ""),                                          # rank 0 says it
+    ("rank 0 failed otherwise", "[rank 1] prism sft: error: same on every rank\n"),
+    (None, "[rank 1] prism sft: error: same on every rank\n"),           # rank 0 did not fail
+])
+def test_other_ranks_print_only_a_different_error_after_init(capsys, monkeypatch, rank0, printed):
+    import torch.distributed as dist
+
+    store = FakeStore(rank0)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+
+    def fails(argv):
+        raise PrismError("same on every rank")
+
+    assert run_cli(fails, [], name="prism sft") == 2
+    assert capsys.readouterr().err == printed
+    assert store.data["prism_error/1"] == b"same on every rank"
+
+
 def test_user_os_errors_are_one_line(capsys):
     def missing(argv):
         open("/nonexistent/prism/file.jsonl")
