@@ -232,6 +232,29 @@ def test_resume_with_different_data_is_one_line(capsys):
         ResumableSampler(96, seed=1).load_state_dict(saved)
 
 
+@pytest.mark.slow   # converts the tiny model and trains one step (in-process)
+def test_resuming_sft_with_other_data_is_one_line(capsys, tiny_model_dir, synthetic_data_dir,
+                                                  tmp_path):
+    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+
+    convert_hf_to_megatron(tiny_model_dir, tmp_path / "megatron", fmt="torch_dist", progress=False)
+    common = [f"model.hf_dir={tiny_model_dir}", f"model.megatron_dir={tmp_path / 'megatron'}",
+              "data.global_batch_size=4", "data.micro_batch_size=4", "data.eval_files=[]",
+              f"checkpoint.save_dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=1",
+              f"logging.run_dir={tmp_path / 'run'}", "logging.tensorboard=false",
+              "logging.plots=false"]
+    first = f"data.train_files=[{synthetic_data_dir / 'sft_public.jsonl'}]"      # 64 rows
+    other = f"data.train_files=[{synthetic_data_dir / 'sft_teacher.jsonl'}]"     # 32 rows
+    assert main(["sft", SFT, *common, first, "train_steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["sft", SFT, *common, other, "train_steps=2"]) == 2
+    err = capsys.readouterr().err      # the run's own progress and log lines, then the error
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert err.strip().splitlines()[-1] == ("prism sft: error: cannot resume: the checkpoint's data order is for 64 rows "
+                    "with seed 0, but this run's data has 32 rows with seed 0; resume with the "
+                    "same data.train_files and seed, or train into a new checkpoint.save_dir")
+
+
 # ------------------------------------------------------------------------------ the boundary
 
 def test_debug_shows_the_traceback(capsys):
