@@ -49,6 +49,7 @@ def write_config(tmp_path, assets, **sections) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # over 20 s (measured with --durations)
 @pytest.mark.parametrize("algorithm", ["grpo", "gspo"])
 def test_first_pass_ratio_is_exactly_one_and_trainer_matches_engine(tmp_path, rl_assets,
                                                                    algorithm):

@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required")
-    write_tiny_model(args.out, preset=args.preset, seed=args.seed, force=args.force)
+    try:
+        write_tiny_model(args.out, preset=args.preset, seed=args.seed, force=args.force)
+    except FileExistsError as exc:   # main() is also called directly (tests): keep its status
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
