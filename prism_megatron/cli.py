@@ -198,6 +198,17 @@ def _dispatch(argv: list[str]) -> int:
     return 0
 
 
+def quiet_optional_package_notes() -> None:
+    """megatron-core and torch announce, once per process, that optional GPU packages (Transformer
+    Engine, Apex, CUDA) are absent: a dozen lines before a CPU run's first own line or its one
+    error line. The README documents them as optional; ``--debug`` shows the notes."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed.*")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -209,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if debug:
         os.environ["PRISM_DEBUG"] = "1"
+    else:
+        quiet_optional_package_notes()
     name = _command_name(argv)
     try:
         return run_cli(_dispatch, argv, name=f"prism {name}" if name in COMMANDS else "prism")

@@ -354,6 +354,18 @@ def test_real_entry_point_one_line(tmp_path):
     assert proc.stderr == "prism rlvr: error: rollout.top_p=2.0 must be in (0, 1]\n"
 
 
+def test_real_entry_point_missing_model_dir_is_the_only_line(tmp_path):
+    """From a directory without demo_out/: the stage's first output is its one error line (no
+    hub retries, no megatron start-up notes before it)."""
+    proc = subprocess.run([sys.executable, "-m", "prism_megatron.cli", "sft", SFT],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("prism sft: error: model.hf_dir: model directory demo_out/model "
+                                  "does not exist (prism runs offline")
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_torchrun_prints_a_shared_error_once(tmp_path):
