@@ -2,17 +2,18 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+REQS    := requirements.txt requirements-test.txt pyproject.toml
+STAMP   := $(VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: install test test-fast demo bench clean
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): $(REQS)
 	@test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt -r requirements-test.txt
 	$(BIN)/pip install -q --no-deps -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -20,7 +21,7 @@ $(STAMP): requirements.txt pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Everything except the slow multi-process training tests.
+# Everything except the tests marked slow (torchrun / multi-process, or over ~20 s): minutes.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

@@ -1,6 +1,6 @@
 """Structured configuration: OmegaConf dataclasses, YAML files, ``key=value`` overrides.
 
-Defaults are PRISM's (../shared/PRISM_SPEC.md §1, §3.5, §6) where the spec gives one.
+Defaults are PRISM's (docs/algorithm.md §1, §3.5, §6) where the spec gives one.
 Model hyper-parameters are NOT here: they come from the checkpoint's config.json.
 """
 
@@ -220,21 +220,111 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"{key}: {detail}" if key else detail
 
 
+# (key, low, low inclusive, high, high inclusive); None = unbounded. A key that is None in the
+# config (an optional knob left off) is not checked.
+RANGES = (
+    ("train_steps", 0, True, None, None),
+    ("parallel.tp", 1, True, None, None), ("parallel.pp", 1, True, None, None),
+    ("parallel.ep", 1, True, None, None),
+    ("optimizer.lr", 0, False, None, None), ("optimizer.min_lr", 0, True, None, None),
+    ("optimizer.weight_decay", 0, True, None, None),
+    ("optimizer.adam_beta1", 0, True, 1, False), ("optimizer.adam_beta2", 0, True, 1, False),
+    ("optimizer.adam_eps", 0, True, None, None),   # 0 is legal (and how tests provoke NaNs)
+    ("optimizer.clip_grad", 0, True, None, None),
+    ("optimizer.warmup_ratio", 0, True, 1, True), ("optimizer.warmup_steps", 0, True, None, None),
+    ("data.max_prompt_length", 1, True, None, None), ("data.max_response_length", 1, True, None, None),
+    ("data.min_pixels", 1, True, None, None), ("data.max_pixels", 1, True, None, None),
+    ("data.global_batch_size", 1, True, None, None), ("data.micro_batch_size", 1, True, None, None),
+    ("data.epochs", 1, True, None, None), ("data.max_skip_fraction", 0, True, 1, True),
+    ("rollout.n", 1, True, None, None), ("rollout.temperature", 0, True, None, None),
+    ("rollout.top_p", 0, False, 1, True), ("rollout.max_new_tokens", 1, True, None, None),
+    ("rollout.sglang_tp", 1, True, None, None), ("rollout.sglang_mem_fraction", 0, False, 1, False),
+    ("rollout.weight_bucket_mb", 1, True, None, None), ("rollout.num_servers", 1, True, None, None),
+    ("rollout.launch_timeout_s", 0, False, None, None),
+    ("rollout.request_timeout_s", 0, False, None, None), ("rollout.max_retries", 0, True, None, None),
+    ("rewards.accuracy_weight", 0, True, None, None), ("rewards.format_weight", 0, True, None, None),
+    ("rewards.num_workers", 0, True, None, None), ("rewards.overlong_buffer", 0, True, None, None),
+    ("rewards.overlong_penalty_factor", 0, True, None, None),
+    ("algorithm.clip_low", 0, True, None, None), ("algorithm.clip_high", 0, True, None, None),
+    ("algorithm.dual_clip", 1, False, None, None), ("algorithm.ppo_epochs", 1, True, None, None),
+    ("algorithm.mini_batch_prompts", 0, True, None, None), ("algorithm.kl_coef", 0, True, None, None),
+    ("algorithm.max_num_gen_batches", 1, True, None, None),
+    ("algorithm.gen_batch_prompts", 0, True, None, None), ("algorithm.tis_cap", 0, False, None, None),
+    ("algorithm.prompts_per_step", 1, True, None, None),
+    ("algorithm.caption_weight", 0, True, None, None),
+    ("algorithm.reasoning_weight", 0, True, None, None),
+    ("algorithm.format_penalty", 0, True, None, None),
+    ("discriminator.num_experts", 1, True, None, None), ("discriminator.top_k", 1, True, None, None),
+    ("discriminator.noise_std", 0, True, None, None),
+    ("discriminator.value_head_dropout", 0, True, 1, False),
+    ("discriminator.lr", 0, False, None, None), ("discriminator.score_clip", 0, False, None, None),
+    ("discriminator.score_reg", 0, True, None, None),
+    ("discriminator.aux_loss_coef", 0, True, None, None),
+    ("discriminator.warmup_aux_loss_coef", 0, True, None, None),
+    ("discriminator.tp", 1, True, None, None), ("discriminator.ep", 1, True, None, None),
+    ("discriminator.pp", 1, True, None, None), ("discriminator.eval_interval", 0, True, None, None),
+    ("eval.max_new_tokens", 1, True, None, None), ("eval.limit", 0, True, None, None),
+    ("eval.temperature", 0, True, None, None), ("eval.top_p", 0, False, 1, True),
+    ("eval.n", 1, True, None, None), ("eval.batch_size", 1, True, None, None),
+    ("checkpoint.save_interval", 1, True, None, None), ("checkpoint.keep_last", 0, True, None, None),
+    ("logging.log_interval", 1, True, None, None),
+)
+
+
+def _interval(low, low_inc, high, high_inc) -> str:
+    if high is None:
+        return f"must be {'>=' if low_inc else '>'} {low}"
+    return f"must be in {'[' if low_inc else '('}{low}, {high}{']' if high_inc else ')'}"
+
+
 def validate(cfg: PrismConfig | DictConfig) -> None:
-    """Checks the enumerated options; raises ConfigError naming the key and the bad value."""
+    """Checks the enumerated options and the numeric ranges before anything is loaded; raises
+    ConfigError naming the key, the bad value and the allowed range."""
     for dotted, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, dotted) if isinstance(cfg, DictConfig) else _get(cfg, dotted)
+        value = _get(cfg, dotted, allowed[0])
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is not one of {list(allowed)}")
-    for dotted in ("parallel.tp", "parallel.pp", "parallel.ep", "rollout.n",
-                   "data.global_batch_size", "data.micro_batch_size"):
-        if _get(cfg, dotted) < 1:
-            raise ConfigError(f"{dotted}={_get(cfg, dotted)} must be >= 1")
+    for dotted, low, low_inc, high, high_inc in RANGES:
+        value = _get(cfg, dotted, None)
+        if value is None or isinstance(value, bool):
+            continue
+        ok = (value >= low if low_inc else value > low) and (
+            high is None or (value <= high if high_inc else value < high))
+        if not ok:
+            raise ConfigError(f"{dotted}={value!r} {_interval(low, low_inc, high, high_inc)}")
+    if _get(cfg, "optimizer.min_lr", 0) > _get(cfg, "optimizer.lr", 1):
+        raise ConfigError(f"optimizer.min_lr={_get(cfg, 'optimizer.min_lr')} is above "
+                          f"optimizer.lr={_get(cfg, 'optimizer.lr')}: the schedule decays from lr "
+                          f"to min_lr")
+    top_k = _get(cfg, "rollout.top_k", -1)
+    if top_k is not None and top_k < 1 and top_k not in (-1, 0):
+        raise ConfigError(f"rollout.top_k={top_k} must be -1 or 0 (off) or >= 1")
+    if _get(cfg, "discriminator.top_k", 1) > _get(cfg, "discriminator.num_experts", 1):
+        raise ConfigError(f"discriminator.top_k={_get(cfg, 'discriminator.top_k')} exceeds "
+                          f"discriminator.num_experts={_get(cfg, 'discriminator.num_experts')}")
+    min_pixels, max_pixels = _get(cfg, "data.min_pixels", None), _get(cfg, "data.max_pixels", None)
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ConfigError(f"data.min_pixels={min_pixels} is above data.max_pixels={max_pixels}")
+    pp_layers = _get(cfg, "parallel.pp_layers", None)
+    if pp_layers is not None:
+        pp = _get(cfg, "parallel.pp", 1)
+        if len(pp_layers) != pp or min(pp_layers, default=0) < 1:
+            raise ConfigError(f"parallel.pp_layers={list(pp_layers)} must list pp={pp} stages of "
+                              f">= 1 decoder layer each")
 
 
-def _get(cfg: Any, dotted: str) -> Any:
+_MISSING = object()
+
+
+def _get(cfg: Any, dotted: str, default: Any = _MISSING) -> Any:
+    """``cfg.a.b`` for ``"a.b"``; ``default`` when a key does not exist in this schema."""
     for part in dotted.split("."):
-        cfg = getattr(cfg, part)
+        try:
+            cfg = getattr(cfg, part)
+        except (AttributeError, OmegaConfBaseException):
+            if default is _MISSING:
+                raise
+            return default
     return cfg
 
 

@@ -230,14 +230,16 @@ def cli(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{stage}-steps", type=int, default=default)
     args = parser.parse_args(argv)
     steps = {stage: getattr(args, f"{stage}_steps") for stage in DEFAULT_STEPS}
-    from prism_megatron.errors import PrismError
-
     try:
-        run(args.out, args.preset, tuple(int(s) for s in args.seeds.split(",")), steps,
-            args.eval_limit, args.jobs)
-    except PrismError as exc:
-        raise SystemExit(f"prism demo: error: {exc}") from None
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+    run(args.out, args.preset, seeds, steps, args.eval_limit, args.jobs)
 
 
-if __name__ == "__main__":
-    cli()
+if __name__ == "__main__":   # `make demo`; `prism demo` runs cli() inside the same error boundary
+    import sys
+
+    from prism_megatron.errors import run_cli
+
+    sys.exit(run_cli(cli, name="prism demo"))

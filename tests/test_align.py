@@ -62,6 +62,7 @@ def one_step(align_assets):
     return results
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_one_step_gives_the_spec_advantages_and_updates_both_models(one_step):
     r = one_step[1]
@@ -78,6 +79,7 @@ def test_one_step_gives_the_spec_advantages_and_updates_both_models(one_step):
     assert 0.0 <= r["disc"]["disc/acc_caption"] <= 1.0
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_a_rank_without_valid_students_does_not_deadlock(one_step):
     """DP2: rank 1 holds only invalid students; the step completes, counts the same valid pairs,

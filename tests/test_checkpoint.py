@@ -21,6 +21,7 @@ def losses(out: str) -> dict[int, float]:
     return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1])["losses"].items()}
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 @pytest.mark.parametrize("saved,resumed", [
     ((2, ["--tp", 2]), [(2, ["--tp", 2]), (1, ["--tp", 1])]),

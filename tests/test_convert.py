@@ -489,6 +489,7 @@ def test_cli_subprocess_help_and_error(tmp_path):
 
 # --- torch_dist, loading into the training model, logits parity (torchrun / subprocess) ------
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_torch_dist_round_trip_bit_exact(make_tiny_model, tmp_path):
     """HF -> torch_dist -> HF for every preset and layout (plus a bf16 copy of ``tiny``), in one
@@ -504,6 +505,7 @@ def test_torch_dist_round_trip_bit_exact(make_tiny_model, tmp_path):
     assert len(results) == expected and all(v == "ok" for v in results.values()), results
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_checkpoints_load_into_training_model_with_identical_logits(make_tiny_model, tmp_path):
     """Legacy TP1/TP2 and one torch_dist checkpoint (written for TP1: 151936 vocab rows, loaded
@@ -543,6 +545,7 @@ def _json_line(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_verify_conversion_tp2(make_tiny_model, tmp_path):
     """Untied (vocab-parallel lm_head), q width != hidden size, at TP2."""
@@ -556,6 +559,7 @@ def test_verify_conversion_tp2(make_tiny_model, tmp_path):
     assert set(result["cases"]) == {"text", "one_image", "two_images"}
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_verify_conversion_pipeline_uneven_split_and_tolerance_gate(make_tiny_model, tmp_path):
     """PP2 with a 1/3 split of the tied model: DeepStack layers 0-1 cross the stage boundary and

@@ -25,6 +25,7 @@ def dist_assets(tiny_model_dir, synthetic_data_dir, tmp_path_factory):
     return root, [json.loads((root / f"ep2.nodeadlock.rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 @pytest.mark.parametrize("routing", ["learned", "segment", "learned-allgather"])
 def test_expert_parallel_forward_backward_matches_ep1(dist_assets, routing):
@@ -47,6 +48,7 @@ def test_expert_parallel_forward_backward_matches_ep1(dist_assets, routing):
         assert ep1["load"][:, 0, 2:].sum() == 0 and ep1["load"][:, 1, :2].sum() == 0
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_rank_without_valid_pairs_does_not_deadlock(dist_assets):
     _, lines = dist_assets

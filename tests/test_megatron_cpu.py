@@ -51,6 +51,7 @@ def test_bad_layouts_name_the_problem(world, tp, pp, ep, message):
         check_layout(world, tp, pp, ep)
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_gpt_trains_identically_at_tp1_tp2_pp2(tmp_path):
     """A tiny GPT trains 8 steps (megatron DDP + optimizer + pipeline schedule) from one

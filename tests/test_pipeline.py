@@ -120,6 +120,7 @@ def pipeline_run(tiny_model_dir, make_synthetic_data, tmp_path_factory):
             "history_at_kill": history_at_kill, "first_output": first_output}
 
 
+@pytest.mark.slow  # the whole pipeline in subprocesses (module fixture)
 def test_killed_pipeline_resumes_at_the_stage_and_step_it_reached(pipeline_run):
     work, lines = pipeline_run["work"], pipeline_run["lines"]
     assert pipeline_run["killed_at"] == "step_0000001"
@@ -135,6 +136,7 @@ def test_killed_pipeline_resumes_at_the_stage_and_step_it_reached(pipeline_run):
     assert (work / "sft" / "stage.log").read_text().count("\n$ ") == 2   # two launches
 
 
+@pytest.mark.slow  # the whole pipeline in subprocesses (module fixture)
 def test_pipeline_writes_results_for_both_pipelines(pipeline_run):
     work, lines = pipeline_run["work"], pipeline_run["lines"]
     for stage in STAGES:
@@ -165,6 +167,7 @@ def test_pipeline_writes_results_for_both_pipelines(pipeline_run):
     assert f"model.megatron_dir={work / 'align' / 'ckpt'}" in prism_cmd
 
 
+@pytest.mark.slow  # the whole pipeline in subprocesses (module fixture)
 def test_rerun_skips_every_done_stage(pipeline_run):
     work = pipeline_run["work"]
     logs = {s: (work / s / "stage.log").read_text() for s in STAGES if (work / s).is_dir()}

@@ -232,6 +232,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 @pytest.mark.parametrize("tp,pp", sorted(LAYOUTS))
 def test_parallel_layouts_match_transformers(make_tiny_model, megatron_tp1, tmp_path, tp, pp):

@@ -49,6 +49,7 @@ def write_config(tmp_path, assets, **sections) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # over 20 s (measured with --durations)
 @pytest.mark.parametrize("algorithm", ["grpo", "gspo"])
 def test_first_pass_ratio_is_exactly_one_and_trainer_matches_engine(tmp_path, rl_assets,
                                                                    algorithm):
@@ -67,6 +68,7 @@ def test_first_pass_ratio_is_exactly_one_and_trainer_matches_engine(tmp_path, rl
     assert 0 < metrics["response_len_mean"] <= 24
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_tp2_and_pp2_recompute_the_same_log_probs_and_update(tmp_path, rl_assets):
     """A fixed rollout batch (same seed, same engine weights): old log-probs and the updated
@@ -100,6 +102,7 @@ def test_tp2_and_pp2_recompute_the_same_log_probs_and_update(tmp_path, rl_assets
             assert torch.allclose(value, other["weights"][key], atol=1e-5, rtol=0), (name, key)
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_killed_run_resumes_at_the_same_step_with_the_same_data(tmp_path, rl_assets):
     steps = {"train_steps": 4}

@@ -56,6 +56,7 @@ def test_greedy_equals_transformers_generate(engine, prompts):
         assert samples[0].prompt_tokens == len(enc.input_ids)
 
 
+@pytest.mark.slow  # over 20 s (measured with --durations)
 def test_raw_images_and_collapsed_pads_give_the_same_result(engine, prompts):
     """Images given raw (processed by the engine) and one pad per image: same as precomputed."""
     from prism_megatron.rollout.images import collapse_image_pads
@@ -68,6 +69,7 @@ def test_raw_images_and_collapsed_pads_give_the_same_result(engine, prompts):
         [s[0].token_ids for s in engine.generate(rollout_prompts, params)]
 
 
+@pytest.mark.slow  # over 20 s (measured with --durations)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_equal_teacher_forced_forward(mild_engine, prompts, temperature):
     engine = mild_engine
@@ -88,6 +90,7 @@ def test_greedy_logprobs_are_untempered(engine, prompts):
     assert torch.allclose(torch.tensor(s.logprobs), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # over 20 s (measured with --durations)
 def test_n_samples_and_seeds(engine, prompts):
     _, rollout_prompts = prompts
     params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=11)

@@ -202,6 +202,7 @@ def test_data_parallel_urls_share_updates(server, models, prompts, local_a):
         _tokens(local_a.generate(rollout_prompts, PARAMS))
 
 
+@pytest.mark.slow  # over 20 s (measured with --durations)
 def test_killed_server_clear_error_then_restart(server, models, prompts, hf_b):
     encs, rollout_prompts = prompts
     server.update_weights_from_disk(models[1])

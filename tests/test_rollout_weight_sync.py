@@ -82,6 +82,7 @@ def test_sync_to_engine_by_tensors_and_disk(make_tiny_model, tmp_path):
         sync_weights(trainer, None, config)
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_megatron_trainer_to_engine_tp_pp(make_tiny_model, tmp_path):
     """After a sync from the Megatron trainer (B) the engine (was A) samples with log-probs equal

@@ -47,6 +47,7 @@ def run_sft(tmp_path, assets, nproc=1, **sections) -> list[float]:
     return [row["loss"] for row in read_history(tmp_path / "run") if "loss" in row]
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_tp2_pp2_and_distributed_dp2_follow_tp1(tmp_path, sft_assets):
     reference = run_sft(tmp_path / "tp1", sft_assets)
@@ -65,6 +66,7 @@ def test_tp2_pp2_and_distributed_dp2_follow_tp1(tmp_path, sft_assets):
     assert bf16 == pytest.approx(reference, abs=0.05) and bf16 != reference
 
 
+@pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
 def test_sigkill_between_checkpoints_then_resume_is_bit_exact(tmp_path, sft_assets):
     uninterrupted = run_sft(tmp_path / "full", sft_assets)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 os.environ.setdefault("HF_HUB_OFFLINE", "1")                    # everything here is built locally
 
 from prism_megatron.models.qwen3_vl.tiny import DEFAULT_PRESET, PRESETS, write_tiny_model  # noqa: E402
+from prism_megatron.errors import run_cli  # noqa: E402
 
 
 def print_presets() -> None:
@@ -47,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out is required")
     try:
         write_tiny_model(args.out, preset=args.preset, seed=args.seed, force=args.force)
-    except FileExistsError as exc:
+    except FileExistsError as exc:   # main() is also called directly (tests): keep its status
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

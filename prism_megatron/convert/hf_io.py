@@ -32,6 +32,31 @@ def read_config_dict(config_dir: str | Path) -> dict:
         raise ConversionError(f"{path} is not valid JSON: {e}") from None
 
 
+def check_safetensors_file(path: str | Path) -> None:
+    """Reads only the header: a file whose header is unreadable or whose data end lies beyond
+    the file's size (an interrupted download or copy) -> one ConversionError naming the file.
+    Cheap (no tensor is read), so stages call it before building anything."""
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "copy or download it again"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, shorter than a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header claims {n} bytes but the file has {size}")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:   # json.JSONDecodeError is a ValueError
+        raise ConversionError(f"{path} is not a readable safetensors file ({e}): {fix}") from None
+    end = max((v["data_offsets"][1] for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end > size:
+        raise ConversionError(f"{path} is truncated: its header describes {8 + n + end} bytes but "
+                              f"the file has {size}: {fix}")
+
+
 def load_hf_config(config_dir: str | Path):
     """transformers' config object for ``config_dir`` (model_type checked first, so an unknown
     family gets our message rather than transformers')."""
@@ -54,7 +79,10 @@ class HFReader:
         self.dir = Path(hf_dir)
         index = self.dir / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index} is not a valid safetensors index ({e!r})") from None
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
@@ -66,7 +94,12 @@ class HFReader:
         for name in files:
             if not (self.dir / name).is_file():
                 raise ConversionError(f"{INDEX_NAME} names {name}, which is missing in {hf_dir}")
-            handle = safe_open(str(self.dir / name), framework="pt")
+            check_safetensors_file(self.dir / name)
+            try:
+                handle = safe_open(str(self.dir / name), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors' own error type is not public API
+                raise ConversionError(f"{self.dir / name} cannot be opened as safetensors "
+                                      f"({e}): copy or download it again") from None
             self._handles[name] = handle
             for key in handle.keys():
                 self._where[key] = name
@@ -89,7 +122,11 @@ class HFReader:
         return name in self._where
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - a damaged file found while reading a tensor
+            raise ConversionError(f"{self.dir / self._where[name]}: tensor {name} cannot be "
+                                  f"read ({e}): copy or download the file again") from None
 
     def file_of(self, name: str) -> str:
         return self._where[name]

@@ -21,11 +21,21 @@ IGNORE_INDEX = -100
 
 def load_processor(hf_dir: str | Path, min_pixels: int | None = None,
                    max_pixels: int | None = None):
-    """The checkpoint's own processor (tokenizer + image processor + chat template)."""
+    """The checkpoint's own processor (tokenizer + image processor + chat template), from a local
+    directory only: a missing one is one error line, never a model-hub lookup (prism runs with
+    HF_HUB_OFFLINE=1 unless the user asks otherwise)."""
     from transformers import AutoProcessor
 
+    from prism_megatron.errors import PrismError
+
+    if not hf_dir or not Path(hf_dir).is_dir():
+        raise PrismError(f"model directory {hf_dir!r} does not exist: model.hf_dir must be a local "
+                         f"HF checkpoint directory (config.json, tokenizer, processor)")
     kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-    return AutoProcessor.from_pretrained(str(hf_dir), **kwargs)
+    try:
+        return AutoProcessor.from_pretrained(str(hf_dir), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:   # transformers' "can't load ..." / bad JSON in its files
+        raise PrismError(f"cannot load the processor of {hf_dir}: {str(e).splitlines()[0]}") from None
 
 
 @dataclass

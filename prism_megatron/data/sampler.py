@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from prism_megatron.errors import PrismError
+
+
+class SamplerStateError(PrismError, ValueError):
+    """A saved data order that does not fit this dataset (resuming with other data or seed)."""
+
 
 class ResumableSampler:
     """Yields dataset indices epoch after epoch; ``state_dict()`` taken between batches and
@@ -40,7 +46,10 @@ class ResumableSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["size"] != self.size or state["seed"] != self.seed:
-            raise ValueError(f"sampler state is for {state['size']} rows / seed {state['seed']}, "
-                             f"this dataset has {self.size} rows / seed {self.seed}")
+            raise SamplerStateError(
+                f"cannot resume: the checkpoint's data order is for {state['size']} rows with "
+                f"seed {state['seed']}, but this run's data has {self.size} rows with seed "
+                f"{self.seed}; resume with the same data.train_files and seed, or train into a "
+                f"new checkpoint.save_dir")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._epoch_order()

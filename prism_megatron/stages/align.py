@@ -190,9 +190,11 @@ def run(cfg: PrismConfig) -> dict:
     from prism_megatron.eval.heldout import PolicyEvaluator
     from prism_megatron.metrics import MetricsLogger, plot_curves, setup_logging
     from prism_megatron.models.discriminator.model import check_moe_layout, read_info
+    from prism_megatron.preflight import check_paths
     from prism_megatron.stages.policy_worker import open_policy, resume_policy, save_due
 
     check_config(cfg)
+    check_paths(cfg, "align")   # paths, config.json, TP/PP vs heads/layers: before any work
     _, info = read_info(cfg.discriminator.megatron_dir)
     check_moe_layout(info["num_experts"], info["top_k"], cfg.discriminator.expert_routing,
                      tp=cfg.parallel.tp, ep=cfg.discriminator.ep,

@@ -181,6 +181,7 @@ def run(cfg: PrismConfig) -> dict:
     from prism_megatron.models.discriminator.model import (
         build_discriminator, check_moe_layout, load_discriminator, read_info)
     from prism_megatron.models.discriminator.pairs import load_pairs
+    from prism_megatron.preflight import check_paths
     from prism_megatron.trainer import Trainer
 
     d = cfg.discriminator
@@ -203,6 +204,7 @@ def run(cfg: PrismConfig) -> dict:
                      dispatcher=d.dispatcher)
     if not Path(cfg.model.hf_dir).is_dir():
         raise FileNotFoundError(f"model.hf_dir={cfg.model.hf_dir} does not exist")
+    check_paths(cfg, "warmup")   # config.json, weight files, data files: before any work
     layout = _layout(cfg)
     try:
         init_distributed(tp=layout.tp, pp=layout.pp, ep=layout.ep, seed=cfg.seed)

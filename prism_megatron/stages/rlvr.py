@@ -140,9 +140,11 @@ def run(cfg: PrismConfig) -> dict:
     from prism_megatron.distributed import destroy_distributed, init_distributed, is_main_rank
     from prism_megatron.eval.heldout import PolicyEvaluator
     from prism_megatron.metrics import MetricsLogger, plot_curves, setup_logging
+    from prism_megatron.preflight import check_paths
     from prism_megatron.stages.policy_worker import open_policy, resume_policy, save_due
 
     check_config(cfg)
+    check_paths(cfg, "rlvr")   # paths, config.json, TP/PP vs heads/layers: before any work
     init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
     setup_logging()
     with ExitStack() as stack:

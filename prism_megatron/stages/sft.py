@@ -60,6 +60,9 @@ def sft_forward(batch: dict, model):
 
 def run(cfg: PrismConfig) -> dict:
     """Train; returns the final metrics (rank-independent)."""
+    from prism_megatron.preflight import check_paths
+
+    check_paths(cfg, "sft")   # paths, config.json, TP/PP vs heads/layers: before any work
     from megatron.core import parallel_state as ps
 
     from prism_megatron.distributed import destroy_distributed, init_distributed

@@ -7,6 +7,7 @@ whole on the first stage, so its own ``pipeline_model_parallel_size`` is 1).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,65 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh,
 
 # ------------------------------------------------------------------------------ HF config
 
+# Keys of config.json the model is built from. transformers fills absent ones with defaults of
+# some other Qwen3-VL size (head_dim, token ids, tied embeddings, M-RoPE sections), which then
+# fails much later as a shape mismatch naming no key, so they are required here.
+REQUIRED_KEYS = (
+    "model_type", "tie_word_embeddings", "image_token_id", "vision_start_token_id",
+    "vision_end_token_id",
+    "text_config.vocab_size", "text_config.hidden_size", "text_config.intermediate_size",
+    "text_config.num_hidden_layers", "text_config.num_attention_heads",
+    "text_config.num_key_value_heads", "text_config.head_dim", "text_config.rms_norm_eps",
+    "text_config.rope_parameters|rope_scaling",
+    "vision_config.depth", "vision_config.hidden_size", "vision_config.intermediate_size",
+    "vision_config.num_heads", "vision_config.out_hidden_size", "vision_config.patch_size",
+    "vision_config.spatial_merge_size", "vision_config.temporal_patch_size",
+    "vision_config.num_position_embeddings", "vision_config.deepstack_visual_indexes",
+)
+
+
+def read_config_json(hf_dir: str | Path) -> dict:
+    """``hf_dir/config.json`` as a dict, with one-line errors for a missing directory or file, bad
+    JSON, or keys the model needs (see REQUIRED_KEYS). Reads JSON only: no model is built."""
+    if not hf_dir:
+        raise Qwen3VLConfigError("model.hf_dir is empty: set it to a Qwen3-VL HF checkpoint "
+                                 "directory (config.json, tokenizer, processor)")
+    path = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).is_dir():
+        raise Qwen3VLConfigError(f"model directory {hf_dir} does not exist (prism runs offline: "
+                                 f"give a local HF checkpoint directory, e.g. from `hf download "
+                                 f"Qwen/Qwen3-VL-8B-Instruct --local-dir DIR`, or a tiny test "
+                                 f"model from tools/make_tiny_qwen3vl.py --out DIR)")
+    if not path.is_file():
+        raise Qwen3VLConfigError(f"no config.json in {hf_dir}: pass a Qwen3-VL HF checkpoint dir")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Qwen3VLConfigError(f"{path} is not valid JSON ({e}): restore it from the "
+                                 f"original checkpoint") from None
+    if not isinstance(data, dict):
+        raise Qwen3VLConfigError(f"{path} is not a JSON object")
+    if data.get("model_type") not in (None, "qwen3_vl"):
+        raise Qwen3VLConfigError(f"{path}: model_type {data.get('model_type')!r} is not supported "
+                                 f"here: this model is Qwen3-VL ('qwen3_vl')")
+    missing = missing_keys(data)
+    if missing:
+        raise Qwen3VLConfigError(f"{path} lacks keys the model is built from: "
+                                 f"{', '.join(missing)} (a released Qwen3-VL config.json has them)")
+    return data
+
+
+def missing_keys(data: dict) -> list[str]:
+    """The REQUIRED_KEYS absent from a config.json dict (``a|b``: either one)."""
+    missing = []
+    for key in REQUIRED_KEYS:
+        section, _, names = key.rpartition(".")
+        node = data.get(section, {}) if section else data
+        if not isinstance(node, dict) or not any(n in node for n in names.split("|")):
+            missing.append(key.replace("|", " or " + (section + "." if section else "")))
+    return missing
+
+
 def load_hf_config(source: Any):
     """A ``Qwen3VLConfig`` from a checkpoint directory (or an object that has one in ``hf_dir``),
     or ``source`` itself when it already is a config."""
@@ -46,8 +106,7 @@ def load_hf_config(source: Any):
         config = source
     else:
         path = getattr(source, "hf_dir", source)
-        if not path or not (Path(path) / "config.json").is_file():
-            raise Qwen3VLConfigError(f"no config.json in {path!r}: pass a Qwen3-VL HF checkpoint dir")
+        read_config_json(path)
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(path))
