@@ -19,6 +19,7 @@ STAGE_INPUTS = {
     "rlvr": ("model.megatron_dir",),
     "align": ("model.megatron_dir", "discriminator.megatron_dir"),
     "warmup": ("discriminator.megatron_dir",),
+    "eval": (),
 }
 HINTS = {
     "model.megatron_dir": "the converted policy checkpoint to start from (tools/"
@@ -54,8 +55,16 @@ def check_paths(cfg: PrismConfig, stage: str) -> dict:
     if stage in ("sft", "warmup") and cfg.data.micro_batch_size > cfg.data.global_batch_size:
         raise ConfigError(f"data.micro_batch_size={cfg.data.micro_batch_size} is larger than "
                           f"data.global_batch_size={cfg.data.global_batch_size}")
-    if not cfg.data.train_files:
-        raise ConfigError("data.train_files is empty: give at least one JSONL/parquet file")
+    if stage == "eval":
+        return hf
+    d = cfg.data
+    if d.dataset_info and not Path(d.dataset_info).is_file():
+        raise ConfigError(f"data.dataset_info: {d.dataset_info} does not exist")
+    if d.dataset_info and not d.datasets:
+        raise ConfigError(f"data.dataset_info={d.dataset_info} names no dataset: set data.datasets")
+    if not d.train_files and not d.dataset_info:
+        raise ConfigError("data.train_files is empty: give at least one JSONL/parquet file (or "
+                          "data.dataset_info + data.datasets)")
     for key in ("train_files", "eval_files"):
         for path in getattr(cfg.data, key):
             if not Path(path).exists():

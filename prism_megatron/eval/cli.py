@@ -139,6 +139,9 @@ def markdown_table(sets: dict[str, dict]) -> str:
 
 
 def run(cfg: PrismConfig, *, progress: bool = True) -> dict:
+    from prism_megatron.preflight import check_paths
+
+    check_paths(cfg, "eval")
     planned = plan(cfg)
     e = cfg.eval
     try:

@@ -732,4 +732,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from prism_megatron.errors import run_cli
+
+    sys.exit(run_cli(main))

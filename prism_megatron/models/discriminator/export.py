@@ -127,4 +127,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing spawns a helper process
-    raise SystemExit(main())
+    from prism_megatron.errors import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -253,4 +253,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from prism_megatron.errors import run_cli
+
+    raise SystemExit(run_cli(main))
