@@ -124,7 +124,8 @@ class PolicyWorker:
             if key in first:
                 metrics[key] = sum(u[key] for u in per_update) / len(per_update)
         metrics.update(ratio_first_mean=first["ratio_mean"], ratio_first_max=first["ratio_max"],
-                       skipped_updates=sum(u["skipped"] for u in per_update))
+                       skipped_updates=sum(u["skipped"] for u in per_update),
+                       skipped_steps=per_update[-1]["skipped_steps"])
         return {**metrics, **timings}
 
     def shutdown(self) -> None:
@@ -158,5 +159,11 @@ def resume_policy(worker: PolicyWorker, sampler) -> int:
 
 
 def save_due(cfg, step: int, total: int) -> bool:
-    return bool(cfg.checkpoint.save_dir) and (step % cfg.checkpoint.save_interval == 0
-                                              or step == total)
+    return bool(cfg.checkpoint.enabled and cfg.checkpoint.save_dir) and (
+        step % cfg.checkpoint.save_interval == 0 or step == total)
+
+
+def trained_tokens(prompts, samples, group: list[int]) -> int:
+    """Real (unpadded) tokens of a step's ``[prompt ; response]`` sequences, all ranks."""
+    return sum(len(prompts[g].encoded.input_ids) + len(s.token_ids)
+               for s, g in zip(samples, group))
