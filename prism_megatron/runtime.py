@@ -105,8 +105,9 @@ class PreemptionWatch:
             raise KeyboardInterrupt
         self.signum = signum
         # No logging here (the signal may arrive inside a logging call): a raw write.
+        again = " (Ctrl-C again: stop at once)" if signum == signal.SIGINT else ""
         os.write(2, f"prism: got {signal.Signals(signum).name}: stopping after this step "
-                    "(a checkpoint is written first)\n".encode())
+                    f"(a checkpoint is written first){again}\n".encode())
 
     def requested(self) -> bool:
         """Whether any rank got a signal (collective over the world group)."""
