@@ -176,10 +176,10 @@ def run(cfg: PrismConfig) -> dict:
 
     from prism_megatron.data.encode import load_processor
     from prism_megatron.data.sampler import ResumableSampler
-    from prism_megatron.runtime import stage_session
     from prism_megatron.models.discriminator.model import (
         build_discriminator, check_moe_layout, load_discriminator, read_info)
     from prism_megatron.models.discriminator.pairs import load_pairs
+    from prism_megatron.runtime import stage_session
     from prism_megatron.trainer import Trainer
 
     d = cfg.discriminator
