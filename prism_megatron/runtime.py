@@ -198,7 +198,8 @@ class StageSession:
                         self.stage, step, what, PREEMPTED_EXIT_CODE)
             (self.run_dir / PREEMPTED_FILE).write_text(json.dumps(
                 {"stage": self.stage, "step": step, "checkpoint": str(saved) if saved else None,
-                 "signal": signal.Signals(self.watch.signum).name if self.watch.signum else None})
+                 "signal": signal.Signals(self.watch.signum).name if self.watch.signum
+                 else "another rank's"})
                 + "\n")
         raise Preempted(step)
 

@@ -408,3 +408,34 @@ def test_sigterm_during_a_save_lets_it_finish_and_leaves_no_writer(tmp_path, mon
     # manager (a server process, shut down at interpreter exit) may remain
     assert [p.name for p in multiprocessing.active_children()
             if not p.name.startswith("SyncManager")] == []
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, assets):
+    """DP2 under torchrun, SIGTERM to rank 1 only: the flag is all-reduced, so rank 0 stops at
+    the same step (no rank waits in a collective for one that left), one checkpoint is written
+    and both ranks exit 75 (torchrun itself reports 1)."""
+    config = write_config(tmp_path, assets)
+    history = tmp_path / "run" / "metrics.jsonl"
+    cmd, env = torchrun_command(2, ["-m", "prism_megatron.cli", "sft", config])
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (history.exists()
+                                           and len(history.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                             text=True).stdout.split()
+    rank = {}
+    for pid in workers:
+        environ = (open(f"/proc/{pid}/environ").read().split("\0"))
+        rank[next(e for e in environ if e.startswith("RANK="))] = int(pid)
+    os.kill(rank["RANK=1"], signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1, out[-3000:]
+    assert out.count("exitcode  : 75") + out.count("(exitcode: 75)") >= 2, out[-3000:]
+    stopped = read_history(tmp_path / "run")[-1]["step"]
+    marker = json.loads((tmp_path / "run" / "preempted.json").read_text())
+    assert marker["step"] == stopped and marker["signal"] == "another rank's"
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*")) == [f"step_{stopped:07d}"]
