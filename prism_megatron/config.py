@@ -53,6 +53,9 @@ class OptimizerConfig:
     schedule: str = "cosine"           # cosine | constant | linear
     warmup_ratio: float = 0.1
     warmup_steps: int = 0              # overrides warmup_ratio when > 0
+    # A step with a non-finite loss or grad norm is skipped (weights unchanged); more than this
+    # many in a row stop the run (trainer.py).
+    max_skipped_steps: int = 3
 
 
 @dataclass
@@ -167,19 +170,25 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """A training stage needs ``save_dir`` (an empty one is refused: the weights would be lost)
+    unless ``enabled: false`` says to train without saving (nor resuming)."""
     save_dir: str = ""
+    enabled: bool = True               # false: no checkpoints at all (save_dir ignored)
     save_interval: int = 100
-    keep_last: int = 3
-    resume: str = "auto"               # auto | none | <path>
-    format: str = "torch_dist"
+    keep_last: int = 3                 # newest complete checkpoints kept (by step); <= 0: all
+    # auto: the newest complete checkpoint in save_dir (refused if it holds only broken ones)
+    # | never: start from step 0 (alias: none) | <path>: that checkpoint
+    resume: str = "auto"
 
 
 @dataclass
 class LoggingConfig:
-    run_dir: str = "runs/default"
-    log_interval: int = 1
+    run_dir: str = "runs/default"      # metrics.jsonl, config.yaml, stage.log, tensorboard/
+    log_interval: int = 1              # console line / progress bar / tensorboard / wandb every N
+                                       # steps (metrics.jsonl gets every step)
     tensorboard: bool = True
     plots: bool = True
+    wandb_project: str = ""            # log to Weights & Biases too (needs `pip install wandb`)
 
 
 @dataclass
@@ -210,7 +219,6 @@ CHOICES = {
                            "seq-mean-token-sum-norm"),
     "algorithm.kl_kind": ("kl", "abs", "mse", "low_var_kl"),
     "discriminator.expert_routing": ("learned", "segment"),
-    "checkpoint.format": ("torch_dist", "legacy"),
 }
 
 

@@ -44,12 +44,12 @@ def wrap_ddp(model, transformer_config, parallel: ParallelConfig):
     """megatron DDP around one model chunk. ``use_distributed_optimizer`` must agree between
     DDP and the optimizer (set in only one, megatron silently falls back and ranks drift), so
     both read ``parallel.distributed_optimizer``. Overlapped reduce/gather use CUDA streams and
-    stay off on CPU."""
-    import torch
+    stay off on CPU. megatron's own NaN check on the reduced gradients is fatal (it raises in
+    the backward's gradient reduction); the trainer instead skips a non-finite step and stops
+    only after ``optimizer.max_skipped_steps`` in a row, so that check stays off."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    on_gpu = torch.cuda.is_available()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.distributed_optimizer,
-        overlap_grad_reduce=False, overlap_param_gather=False, check_for_nan_in_grad=on_gpu)
+        overlap_grad_reduce=False, overlap_param_gather=False, check_for_nan_in_grad=False)
     return DistributedDataParallel(transformer_config, ddp_config, model)

@@ -29,7 +29,7 @@ def align_assets(tiny_model_dir, synthetic_data_dir, tmp_path_factory):
            "rollout": {"engine": "local", "n": 4, "max_new_tokens": 16},
            "algorithm": {"name": "prism", "prompts_per_step": 2},
            "discriminator": {"megatron_dir": str(root / "disc"), "lr": 1e-3},
-           "checkpoint": {"save_dir": ""},
+           "checkpoint": {"enabled": False},
            "logging": {"run_dir": str(root / "run"), "tensorboard": False, "plots": False}}
     (root / "align.yaml").write_text(yaml.safe_dump(cfg))
     return root

@@ -27,7 +27,7 @@ def overrides(root, pairs, model_dir, run: str, steps: int, routing: str, save: 
             f"discriminator.expert_routing={routing}", f"train_steps={steps}",
             f"data.train_files=[{pairs['train']}]", f"data.eval_files=[{pairs['heldout']}]",
             "data.global_batch_size=4", "data.micro_batch_size=4",
-            f"checkpoint.save_dir={root / run / 'ckpt' if save else chr(39) * 2}",
+            f"checkpoint.save_dir={root / run / 'ckpt'}" if save else "checkpoint.enabled=false",
             f"checkpoint.save_interval={STEPS}", f"logging.run_dir={root / run}",
             "logging.tensorboard=false", "discriminator.eval_interval=0"]
 

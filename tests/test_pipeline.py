@@ -16,6 +16,7 @@ import yaml
 
 from dist_utils import REPO
 from prism_megatron.cli import main
+from prism_megatron.metrics import read_history
 from prism_megatron.pipeline import STAGES, Pipeline, load_pipeline_config
 
 TINY_POLICY = ["eval.limit=2", "eval.max_new_tokens=8", "logging.tensorboard=false",
@@ -128,8 +129,10 @@ def test_killed_pipeline_resumes_at_the_stage_and_step_it_reached(pipeline_run):
     assert "done in" in status(first, "convert") and "running" in status(first, "sft")
     assert "skipped: done earlier" in status(lines, "convert")
     assert "running, resuming from step_0000001" in status(lines, "sft")
-    history = [json.loads(x) for x in (work / "sft" / "metrics.jsonl").read_text().splitlines()]
+    history = read_history(work / "sft")   # appended on resume; the last row of a step wins
     assert [row["step"] for row in history] == [0, 1, 2]   # not restarted: no second step 0
+    raw = [json.loads(x)["step"] for x in (work / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert raw.count(0) == 1
     # The rows up to the checkpoint are the first run's, untouched; the rest came after.
     kept = [x for x in pipeline_run["history_at_kill"] if json.loads(x)["step"] <= 1]
     assert (work / "sft" / "metrics.jsonl").read_text().splitlines()[:2] == kept

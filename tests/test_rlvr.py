@@ -35,7 +35,7 @@ def write_config(tmp_path, assets, **sections) -> str:
                  "micro_batch_size": 4},
         "rollout": {"engine": "local", "n": 4, "max_new_tokens": 24},
         "algorithm": {"name": "grpo", "prompts_per_step": 3},
-        "checkpoint": {"save_dir": "", "save_interval": 100},
+        "checkpoint": {"enabled": False, "save_interval": 100},
         "logging": {"run_dir": str(tmp_path / "run"), "tensorboard": False, "plots": False},
     }
     for section, values in sections.items():
@@ -110,7 +110,7 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_data(tmp_path, rl_ass
     run_torchrun("-m", 1, "prism_megatron.cli", "rlvr", full)
     killed = write_config(tmp_path / "killed", rl_assets, **steps,
                           checkpoint={"save_dir": str(tmp_path / "killed" / "ckpt"),
-                                      "save_interval": 2})
+                                      "enabled": True, "save_interval": 2})
     # killed once step 3 is logged: after the step-2 checkpoint
     kill_stage_after("rlvr", killed, tmp_path / "killed" / "run" / "metrics.jsonl", rows=3)
     assert (tmp_path / "killed" / "ckpt" / "latest").read_text().strip() == "step_0000002"
@@ -229,7 +229,7 @@ def test_each_algorithm_raises_held_out_accuracy_from_the_sft_policy(tmp_path, s
         overrides = [f"model.hf_dir={sft_policy.model}", f"model.megatron_dir={sft_policy.ckpt}",
                      f"data.train_files=[{data / 'rl.jsonl'}]",
                      f"data.eval_files=[{data / 'test.jsonl'}]", "eval.limit=200",
-                     "train_steps=15", "checkpoint.save_dir=''",
+                     "train_steps=15", "checkpoint.enabled=false",
                      f"logging.run_dir={tmp_path / name}", "logging.tensorboard=false",
                      "logging.plots=false"]
         cmd, env = torchrun_command(1, ["-m", "prism_megatron.cli", "rlvr",

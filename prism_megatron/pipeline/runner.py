@@ -1,5 +1,11 @@
 """The runner: each stage a subprocess (the command a user would type), a done.json marker when
-it succeeded, its output teed to ``<work>/<stage>/stage.log``."""
+it succeeded, its output teed to ``<work>/<stage>/stage.log``.
+
+A preempted stage (exit code 75, or ``preempted.json`` in its run directory when torchrun turned
+the code into 1) is not marked done: the pipeline stops with the same code 75, and a rerun
+resumes that stage from the checkpoint it wrote. SIGTERM / SIGUSR1 to the pipeline are passed on
+to the running stage, which saves and exits 75.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,10 @@ from prism_megatron.pipeline.config import (
 from prism_megatron.pipeline.results import write_results
 
 REPO = Path(__file__).resolve().parents[2]
+# = prism_megatron.runtime.PREEMPTED_EXIT_CODE / PREEMPTED_FILE (not imported: this process never
+# imports torch).
+PREEMPTED_EXIT_CODE = 75
+PREEMPTED_FILE = "preempted.json"
 
 
 class Pipeline:
@@ -162,7 +172,18 @@ class Pipeline:
         resume = f", resuming from {latest.read_text().strip()}" if latest.is_file() else ""
         say(f"running{resume} (log: {log_path})")
         command, start = self.command(stage), time.time()
-        run_logged(command, log_path, stage, show=self.cfg.show_output, threads=self.cfg.threads)
+        (self.dir(stage) / PREEMPTED_FILE).unlink(missing_ok=True)
+        try:
+            run_logged(command, log_path, stage, show=self.cfg.show_output,
+                       threads=self.cfg.threads)
+        except PrismError:
+            preempted = self.dir(stage) / PREEMPTED_FILE
+            if not preempted.is_file():
+                raise
+            at = json.loads(preempted.read_text()).get("step")
+            self.status[stage] = {"status": f"preempted at step {at}"}
+            say(f"preempted at step {at} (checkpoint saved); rerun the pipeline to resume")
+            raise SystemExit(PREEMPTED_EXIT_CODE) from None
         seconds = time.time() - start
         marker = {"stage": stage, "seconds": round(seconds, 1), "command": command,
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **stage_rows(self.dir(stage))}
@@ -176,7 +197,15 @@ def stage_rows(run_dir: Path) -> dict:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_step = {}
+    for line in path.read_text().splitlines():   # appended on resume: the last row of a step wins
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            by_step[row["step"]] = row
+    rows = [by_step[k] for k in sorted(by_step)]
     return {"first": rows[0], "last": rows[-1], "steps": rows[-1]["step"]} if rows else {}
 
 
@@ -201,13 +230,14 @@ def run_logged(command: list[str], log_path: Path, stage: str, show: bool, threa
                TRANSFORMERS_OFFLINE=env.get("TRANSFORMERS_OFFLINE", "1"))
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PRISM_STAGE_LOG"] = str(log_path)   # the stage then writes no second handler into it
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(command)}\n".encode())
         log.flush()
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=env, stdin=subprocess.DEVNULL)
         RUNNING.add(proc)
-        previous = _exit_on_sigterm()
+        previous = _forward_signals(proc)
         try:
             while chunk := os.read(proc.stdout.fileno(), 65536):
                 log.write(chunk)
@@ -222,8 +252,8 @@ def run_logged(command: list[str], log_path: Path, stage: str, show: bool, threa
             raise
         finally:
             RUNNING.discard(proc)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in (previous or {}).items():
+                signal.signal(sig, handler)
     if code != 0:
         text = log_path.read_text(errors="replace").splitlines()
         tail = [line.rsplit("\r", 1)[-1] for line in text[-15:]]
@@ -241,16 +271,22 @@ def _path(p: str) -> Path:
     return path.resolve()
 
 
-def _exit_on_sigterm():
-    """SIGTERM to the pipeline becomes SystemExit, so the running stage is killed with it (the
-    default action would orphan it). Returns the previous handler (None off the main thread)."""
+def _forward_signals(proc: subprocess.Popen):
+    """SIGTERM / SIGUSR1 to the pipeline are passed on to the stage process, which saves a
+    checkpoint and exits 75 (a stage that does not stop is killed with it on a second SIGTERM).
+    Returns the previous handlers (None off the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return None
+    got: list[int] = []
 
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
+    def forward(signum, frame):
+        if signum == signal.SIGTERM and signal.SIGTERM in got:
+            raise SystemExit(128 + signum)      # the second one: stop now (the stage is killed)
+        got.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
 
-    return signal.signal(signal.SIGTERM, stop)
+    return {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
 
 def _tool(step: str, **kwargs) -> list[str]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -145,7 +144,8 @@ class Discriminator:
         self.model.set_aux_loss(d.aux_loss_coef)
         optimizer = OptimizerConfig(lr=d.lr, weight_decay=0.01, schedule="constant",
                                     warmup_ratio=0.0, clip_grad=cfg.optimizer.clip_grad)
-        save_dir = f"{cfg.checkpoint.save_dir}/{DISCRIMINATOR_DIR}" if cfg.checkpoint.save_dir else ""
+        saving = cfg.checkpoint.enabled and cfg.checkpoint.save_dir
+        save_dir = f"{cfg.checkpoint.save_dir}/{DISCRIMINATOR_DIR}" if saving else ""
         self.trainer = Trainer(self.model, tconfig, optimizer, disc_layout(cfg),
                                dataclasses.replace(cfg.checkpoint, save_dir=save_dir), total_steps,
                                bf16=cfg.model.dtype == "bf16")
@@ -186,12 +186,14 @@ def run(cfg: PrismConfig) -> dict:
     """Train; returns the last step's metrics (rank-independent)."""
     from prism_megatron.data.encode import load_processor
     from prism_megatron.data.rl import load_rl_prompts
-    from prism_megatron.distributed import destroy_distributed, init_distributed, is_main_rank
+    from prism_megatron.distributed import is_main_rank
     from prism_megatron.eval.heldout import PolicyEvaluator
-    from prism_megatron.metrics import MetricsLogger, plot_curves, setup_logging
+    from prism_megatron.metrics import plot_curves
     from prism_megatron.models.discriminator.model import check_moe_layout, read_info
     from prism_megatron.preflight import check_paths
-    from prism_megatron.stages.policy_worker import open_policy, resume_policy, save_due
+    from prism_megatron.runtime import stage_session
+    from prism_megatron.stages.policy_worker import (
+        open_policy, resume_policy, save_due, trained_tokens)
 
     check_config(cfg)
     check_paths(cfg, "align")   # paths, config.json, TP/PP vs heads/layers: before any work
@@ -199,11 +201,9 @@ def run(cfg: PrismConfig) -> dict:
     check_moe_layout(info["num_experts"], info["top_k"], cfg.discriminator.expert_routing,
                      tp=cfg.parallel.tp, ep=cfg.discriminator.ep,
                      dispatcher=cfg.discriminator.dispatcher)
-    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.discriminator.ep,
-                     seed=cfg.seed)
-    setup_logging()
-    with ExitStack() as stack:
-        stack.callback(destroy_distributed)
+    with stage_session(cfg, "align", tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                       ep=cfg.discriminator.ep) as session:
+        stack = session.stack
         processor = load_processor(cfg.model.hf_dir, cfg.data.min_pixels, cfg.data.max_pixels)
         tokenizer, pad_id = processor.tokenizer, processor.tokenizer.pad_token_id
         dataset, _ = load_rl_prompts(cfg.data.train_files, processor,
@@ -218,17 +218,17 @@ def run(cfg: PrismConfig) -> dict:
         vision_ids = vision_token_ids(worker.hf_config)
         start = resume_policy(worker, sampler)
         disc.resume(start)
+        session.begin(start, total)
         evaluator = PolicyEvaluator(cfg, processor)
         stack.callback(evaluator.shutdown)
         a, n = cfg.algorithm, cfg.rollout.n
         metrics = {}
-        with MetricsLogger(cfg.logging.run_dir, total, start, desc="align",
-                           tensorboard=cfg.logging.tensorboard,
-                           show=("disc/acc_caption", "disc/acc_reasoning", "format_rate")
-                           ) as logger:
+        with session.metrics_logger(total, start, desc="align", show=(
+                "disc/acc_caption", "disc/acc_reasoning", "format_rate")) as logger:
             if start == 0 and evaluator.files:
                 logger.log(0, evaluator(worker.model, worker.hf_config))
             for step in range(start + 1, total + 1):
+                logger.tick()
                 t0 = time.perf_counter()
                 indices = sampler.next_indices(a.prompts_per_step)
                 prompts = [dataset[i] for i in indices]
@@ -257,10 +257,14 @@ def run(cfg: PrismConfig) -> dict:
                 metrics["time/sync_s"] = worker.sync()
                 if step == total and evaluator.files:
                     metrics.update(evaluator(worker.model, worker.hf_config))
-                logger.log(step, metrics)
-                if save_due(cfg, step, total):
-                    disc.trainer.save(step)      # first: a policy step always has its discriminator
-                    worker.trainer.save(step, {"sampler": sampler.state_dict()})
+                logger.log(step, metrics, samples=len(samples),
+                           tokens=trained_tokens(prompts, samples, group))
+
+                def save():
+                    disc.trainer.save(step)   # first: a policy step always has its discriminator
+                    return worker.trainer.save(step, {"sampler": sampler.state_dict()})
+
+                session.after_step(step, due=save_due(cfg, step, total), save=save)
         if cfg.logging.plots:
             plot_curves(cfg.logging.run_dir, ["disc/acc_caption", "disc/acc_reasoning",
                                               "score_caption", "score_reasoning", "format_rate"],

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from prism_megatron.algorithms.losses import discriminator_loss
 from prism_megatron.config import ConfigError, ParallelConfig, PrismConfig
-from prism_megatron.metrics import MetricsLogger, plot_curves, setup_logging
+from prism_megatron.metrics import plot_curves
 from prism_megatron.models.discriminator.batching import (
     collate_sequences, padded_length, read_scores)
 from prism_megatron.models.discriminator.pairs import PairSample
@@ -176,12 +176,11 @@ def run(cfg: PrismConfig) -> dict:
 
     from prism_megatron.data.encode import load_processor
     from prism_megatron.data.sampler import ResumableSampler
-    from prism_megatron.distributed import (
-        ParallelConfigError, destroy_distributed, init_distributed)
     from prism_megatron.models.discriminator.model import (
         build_discriminator, check_moe_layout, load_discriminator, read_info)
     from prism_megatron.models.discriminator.pairs import load_pairs
     from prism_megatron.preflight import check_paths
+    from prism_megatron.runtime import stage_session
     from prism_megatron.trainer import Trainer
 
     d = cfg.discriminator
@@ -206,12 +205,8 @@ def run(cfg: PrismConfig) -> dict:
         raise FileNotFoundError(f"model.hf_dir={cfg.model.hf_dir} does not exist")
     check_paths(cfg, "warmup")   # config.json, weight files, data files: before any work
     layout = _layout(cfg)
-    try:
-        init_distributed(tp=layout.tp, pp=layout.pp, ep=layout.ep, seed=cfg.seed)
-    except ParallelConfigError as exc:
-        raise ConfigError(f"discriminator.tp/pp/ep: {exc}") from None
-    setup_logging()  # after init: only rank 0 logs at INFO
-    try:
+    with stage_session(cfg, "warmup", tp=layout.tp, pp=layout.pp, ep=layout.ep,
+                       layout_key="discriminator.tp/pp/ep") as session:
         processor = load_processor(cfg.model.hf_dir, cfg.data.min_pixels, cfg.data.max_pixels)
         max_length = cfg.data.max_prompt_length + cfg.data.max_response_length
         train, train_stats = load_pairs(cfg.data.train_files, processor, max_length=max_length,
@@ -232,7 +227,7 @@ def run(cfg: PrismConfig) -> dict:
         trainer = Trainer(disc, tconfig, cfg.optimizer, layout, cfg.checkpoint, total_steps,
                           bf16=cfg.model.dtype == "bf16")
         sampler = ResumableSampler(len(train), seed=cfg.seed, shuffle=cfg.data.shuffle)
-        if cfg.checkpoint.save_dir:
+        if session.checkpointing:
             describe_save_dir(d.megatron_dir, cfg.checkpoint.save_dir)
         resumed = trainer.maybe_resume()
         if resumed:
@@ -240,6 +235,7 @@ def run(cfg: PrismConfig) -> dict:
         else:
             load_discriminator(disc, d.megatron_dir)
         start = resumed.get("step", 0)
+        session.begin(start, total_steps)
 
         pad_id = processor.tokenizer.pad_token_id
         position_fn = disc.position_fn
@@ -252,12 +248,12 @@ def run(cfg: PrismConfig) -> dict:
         if start == 0:  # the untrained discriminator's held-out accuracy, for the report
             before = evaluate(trainer, disc, heldout, micro=micro, pad_id=pad_id,
                               position_fn=position_fn)
-        with MetricsLogger(cfg.logging.run_dir, total_steps, start, desc="warmup",
-                           tensorboard=cfg.logging.tensorboard,
-                           show=("loss", "acc_caption", "acc_reasoning")) as logger:
+        with session.metrics_logger(total_steps, start, desc="warmup",
+                                    show=("loss", "acc_caption", "acc_reasoning")) as logger:
             for step in range(start + 1, total_steps + 1):
-                plan = plan_step(train, sampler.next_indices(cfg.data.global_batch_size),
-                                 dp_rank=dp_rank, dp_size=dp_size, micro=micro, pad_id=pad_id,
+                logger.tick()
+                indices = sampler.next_indices(cfg.data.global_batch_size)
+                plan = plan_step(train, indices, dp_rank=dp_rank, dp_size=dp_size, micro=micro, pad_id=pad_id,
                                  position_fn=position_fn)
                 disc.set_step_aux_scale(sum(_weight(b) for b in plan.batches) / len(plan.batches))
                 out = trainer.train_step(plan.batches, forward, plan.seq_length)
@@ -273,17 +269,16 @@ def run(cfg: PrismConfig) -> dict:
                     metrics.update({f"heldout/{k}": v for k, v in held.items()
                                     if not k.startswith("_")})
                     final = held if step == total_steps else final
-                logger.log(step, metrics)
-                if cfg.checkpoint.save_dir and (step % cfg.checkpoint.save_interval == 0
-                                                or step == total_steps):
-                    trainer.save(step, {"sampler": sampler.state_dict()})
+                logger.log(step, metrics, samples=len(indices),
+                           tokens=sum(sum(sequence_lengths(train[i])) for i in indices))
+                session.after_step(
+                    step, due=step % cfg.checkpoint.save_interval == 0 or step == total_steps,
+                    save=lambda: trainer.save(step, {"sampler": sampler.state_dict()}))
         if not final:  # resumed at the end: report without training
             final = evaluate(trainer, disc, heldout, micro=micro, pad_id=pad_id,
                              position_fn=position_fn)
         _write_report(cfg, final, before, total_steps)
         return final
-    finally:
-        destroy_distributed()
 
 
 def describe_save_dir(megatron_dir: str, save_dir: str) -> None:

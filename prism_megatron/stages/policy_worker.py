@@ -48,7 +48,8 @@ class PolicyWorker:
         self.settings = rl.LossSettings.from_config(cfg.algorithm, cfg.rollout.temperature)
         self.plan = partial(rl.plan_batches, micro_batch_size=cfg.data.micro_batch_size,
                             pad_id=processor.tokenizer.pad_token_id, hf_config=model.hf_config)
-        self.engine = make_engine(cfg.rollout, cfg.model.hf_dir) if is_sender() else None
+        self.engine = (make_engine(cfg.rollout, cfg.model.hf_dir, cfg.data) if is_sender()
+                       else None)
         if self.engine is not None:
             status = self.engine.health()
             if not status.get("ok"):
@@ -124,7 +125,8 @@ class PolicyWorker:
             if key in first:
                 metrics[key] = sum(u[key] for u in per_update) / len(per_update)
         metrics.update(ratio_first_mean=first["ratio_mean"], ratio_first_max=first["ratio_max"],
-                       skipped_updates=sum(u["skipped"] for u in per_update))
+                       skipped_updates=sum(u["skipped"] for u in per_update),
+                       skipped_steps=per_update[-1]["skipped_steps"])
         return {**metrics, **timings}
 
     def shutdown(self) -> None:
@@ -158,5 +160,11 @@ def resume_policy(worker: PolicyWorker, sampler) -> int:
 
 
 def save_due(cfg, step: int, total: int) -> bool:
-    return bool(cfg.checkpoint.save_dir) and (step % cfg.checkpoint.save_interval == 0
-                                              or step == total)
+    return bool(cfg.checkpoint.enabled and cfg.checkpoint.save_dir) and (
+        step % cfg.checkpoint.save_interval == 0 or step == total)
+
+
+def trained_tokens(prompts, samples, group: list[int]) -> int:
+    """Real (unpadded) tokens of a step's ``[prompt ; response]`` sequences, all ranks."""
+    return sum(len(prompts[g].encoded.input_ids) + len(s.token_ids)
+               for s, g in zip(samples, group))

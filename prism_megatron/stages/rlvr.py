@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
 
 import torch
 
@@ -137,18 +136,18 @@ def run(cfg: PrismConfig) -> dict:
     """Train; returns the last step's metrics (with held-out accuracy, rank-independent)."""
     from prism_megatron.data.encode import load_processor
     from prism_megatron.data.rl import load_rl_prompts
-    from prism_megatron.distributed import destroy_distributed, init_distributed, is_main_rank
+    from prism_megatron.distributed import is_main_rank
     from prism_megatron.eval.heldout import PolicyEvaluator
-    from prism_megatron.metrics import MetricsLogger, plot_curves, setup_logging
+    from prism_megatron.metrics import plot_curves
     from prism_megatron.preflight import check_paths
-    from prism_megatron.stages.policy_worker import open_policy, resume_policy, save_due
+    from prism_megatron.runtime import stage_session
+    from prism_megatron.stages.policy_worker import (
+        open_policy, resume_policy, save_due, trained_tokens)
 
     check_config(cfg)
     check_paths(cfg, "rlvr")   # paths, config.json, TP/PP vs heads/layers: before any work
-    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
-    setup_logging()
-    with ExitStack() as stack:
-        stack.callback(destroy_distributed)
+    with stage_session(cfg, "rlvr", tp=cfg.parallel.tp, pp=cfg.parallel.pp) as session:
+        stack = session.stack
         processor = load_processor(cfg.model.hf_dir, cfg.data.min_pixels, cfg.data.max_pixels)
         dataset, _ = load_rl_prompts(cfg.data.train_files, processor,
                                      max_prompt_length=cfg.data.max_prompt_length,
@@ -156,15 +155,16 @@ def run(cfg: PrismConfig) -> dict:
                                      progress=is_main_rank(), data_cfg=cfg.data)
         worker, sampler, total = open_policy(cfg, processor, len(dataset), stack)
         start = resume_policy(worker, sampler)
+        session.begin(start, total)
         evaluator = PolicyEvaluator(cfg, processor)
         stack.callback(evaluator.shutdown)
         metrics = {}
-        with MetricsLogger(cfg.logging.run_dir, total, start, desc=f"rlvr/{cfg.algorithm.name}",
-                           tensorboard=cfg.logging.tensorboard,
-                           show=("reward", "accuracy", "format_rate")) as logger:
+        with session.metrics_logger(total, start, desc=f"rlvr/{cfg.algorithm.name}",
+                                    show=("reward", "accuracy", "format_rate")) as logger:
             if start == 0 and evaluator.files:
                 logger.log(0, evaluator(worker.model, worker.hf_config))
             for step in range(start + 1, total + 1):
+                logger.tick()
                 batch, metrics = collect(worker, dataset, sampler, cfg, step)
                 metrics.update(batch_metrics(batch, cfg.rollout.max_new_tokens))
                 advantages = grpo_advantages(torch.tensor(batch.rewards), batch.group,
@@ -174,9 +174,11 @@ def run(cfg: PrismConfig) -> dict:
                 metrics["time/sync_s"] = worker.sync()
                 if step == total and evaluator.files:
                     metrics.update(evaluator(worker.model, worker.hf_config))
-                logger.log(step, metrics)
-                if save_due(cfg, step, total):
-                    worker.trainer.save(step, {"sampler": sampler.state_dict()})
+                logger.log(step, metrics, samples=len(batch.samples),
+                           tokens=trained_tokens(batch.prompts, batch.samples, batch.group))
+                session.after_step(step, due=save_due(cfg, step, total),
+                                   save=lambda: worker.trainer.save(
+                                       step, {"sampler": sampler.state_dict()}))
         if cfg.logging.plots:
             plot_curves(cfg.logging.run_dir, ["reward", "accuracy", "format_rate", "entropy"],
                         "rlvr_curves.png", f"RLVR ({cfg.algorithm.name})")

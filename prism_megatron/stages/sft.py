@@ -22,7 +22,7 @@ from prism_megatron.data.sampler import ResumableSampler
 from prism_megatron.data.rows import row_sources
 from prism_megatron.data.sft import load_sft_samples
 from prism_megatron.eval.heldout import PolicyEvaluator
-from prism_megatron.metrics import MetricsLogger, plot_curves, setup_logging
+from prism_megatron.metrics import plot_curves
 from prism_megatron.trainer import Trainer, token_loss_fn
 
 log = logging.getLogger("prism.sft")
@@ -65,13 +65,11 @@ def run(cfg: PrismConfig) -> dict:
     check_paths(cfg, "sft")   # paths, config.json, TP/PP vs heads/layers: before any work
     from megatron.core import parallel_state as ps
 
-    from prism_megatron.distributed import destroy_distributed, init_distributed
     from prism_megatron.models.qwen3_vl.model import build_qwen3vl_model, load_initial_weights
     from prism_megatron.models.qwen3_vl.rope import rope_index_for_sample
+    from prism_megatron.runtime import stage_session
 
-    setup_logging()
-    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
-    try:
+    with stage_session(cfg, "sft", tp=cfg.parallel.tp, pp=cfg.parallel.pp) as session:
         processor = load_processor(cfg.model.hf_dir, cfg.data.min_pixels, cfg.data.max_pixels)
         samples, stats = load_sft_samples(
             row_sources(cfg.data), processor, max_prompt_length=cfg.data.max_prompt_length,
@@ -89,6 +87,7 @@ def run(cfg: PrismConfig) -> dict:
         if resumed:
             sampler.load_state_dict(resumed["sampler"])
         start = resumed.get("step", 0)
+        session.begin(start, total_steps)
         position_fn = partial(rope_index_for_sample, hf_config=model.hf_config)
         make_batches = partial(
             step_micro_batches, samples, dp_rank=ps.get_data_parallel_rank(),
@@ -96,29 +95,29 @@ def run(cfg: PrismConfig) -> dict:
             packing=cfg.data.packing, pad_id=processor.tokenizer.pad_token_id,
             position_fn=position_fn)
         evaluator = PolicyEvaluator(cfg, processor)
+        session.stack.callback(evaluator.shutdown)
         metrics = {}
-        with MetricsLogger(cfg.logging.run_dir, total_steps, start, desc="sft",
-                           tensorboard=cfg.logging.tensorboard, show=("loss", "lr")) as logger:
+        with session.metrics_logger(total_steps, start, desc="sft", show=("loss", "lr")) as logger:
             if start == 0 and evaluator.files:
                 before = evaluator(model, model.hf_config)
                 logger.log(0, before)
                 log.info("before SFT: %s", before)
             for step in range(start + 1, total_steps + 1):
-                batches, seq_length = make_batches(sampler.next_indices(cfg.data.global_batch_size))
+                logger.tick()
+                indices = sampler.next_indices(cfg.data.global_batch_size)
+                batches, seq_length = make_batches(indices)
                 metrics = trainer.train_step(batches, sft_forward, seq_length)
                 if step == total_steps and evaluator.files:
                     metrics.update(evaluator(model, model.hf_config))
                     log.info("after SFT: %s", {k: v for k, v in metrics.items() if "eval" in k})
-                logger.log(step, metrics)
-                if step % cfg.checkpoint.save_interval == 0 or step == total_steps:
-                    if cfg.checkpoint.save_dir:
-                        trainer.save(step, {"sampler": sampler.state_dict()})
-        evaluator.shutdown()
+                logger.log(step, metrics, samples=len(indices),
+                           tokens=sum(len(samples[i].input_ids) for i in indices))
+                session.after_step(
+                    step, due=step % cfg.checkpoint.save_interval == 0 or step == total_steps,
+                    save=lambda: trainer.save(step, {"sampler": sampler.state_dict()}))
         if cfg.logging.plots:
             plot_curves(cfg.logging.run_dir, ["loss", "lr", "grad_norm"], "sft_curves.png", "SFT")
         return metrics
-    finally:
-        destroy_distributed()
 
 
 def cli(args, overrides) -> None:

@@ -46,7 +46,7 @@ def main():
                       ParallelConfig(tp=args.tp, pp=args.pp,
                                      distributed_optimizer=args.distributed_optimizer),
                       CheckpointConfig(save_dir=args.save_dir, keep_last=2,
-                                       resume="auto" if args.resume else "none"),
+                                       resume="auto" if args.resume else "never"),
                       total_steps=args.steps)
     start = trainer.maybe_resume().get("step", 0)
     data = batches(args.steps, 2, 2, 16)
