@@ -238,7 +238,7 @@ RANGES = (
     ("optimizer.weight_decay", 0, True, None, None),
     ("optimizer.adam_beta1", 0, True, 1, False), ("optimizer.adam_beta2", 0, True, 1, False),
     ("optimizer.adam_eps", 0, True, None, None),   # 0 is legal (and how tests provoke NaNs)
-    ("optimizer.clip_grad", 0, True, None, None),
+    ("optimizer.clip_grad", 0, True, None, None), ("optimizer.max_skipped_steps", 0, True, None, None),
     ("optimizer.warmup_ratio", 0, True, 1, True), ("optimizer.warmup_steps", 0, True, None, None),
     ("data.max_prompt_length", 1, True, None, None), ("data.max_response_length", 1, True, None, None),
     ("data.min_pixels", 1, True, None, None), ("data.max_pixels", 1, True, None, None),

@@ -60,21 +60,11 @@ class Preempted(SystemExit):
 
 def check_stage_config(cfg) -> None:
     """Checkpoint/step settings every training stage needs, before anything is built."""
-    c = cfg.checkpoint
-    if cfg.train_steps < 0:
-        raise ConfigError(f"train_steps={cfg.train_steps} must be >= 0 (0 = derived from the "
-                          "data and data.epochs)")
+    c = cfg.checkpoint      # (numeric ranges are checked when the config is loaded: config.py)
     if c.enabled and not c.save_dir:
         raise ConfigError("checkpoint.save_dir is empty: the trained weights would be lost; set "
                           "checkpoint.save_dir=DIR, or checkpoint.enabled=false to train without "
                           "checkpoints")
-    if c.save_interval < 1:
-        raise ConfigError(f"checkpoint.save_interval={c.save_interval} must be >= 1")
-    if cfg.logging.log_interval < 1:
-        raise ConfigError(f"logging.log_interval={cfg.logging.log_interval} must be >= 1")
-    if cfg.optimizer.max_skipped_steps < 0:
-        raise ConfigError(f"optimizer.max_skipped_steps={cfg.optimizer.max_skipped_steps} must "
-                          "be >= 0")
 
 
 class PreemptionWatch:

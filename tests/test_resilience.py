@@ -267,7 +267,7 @@ def test_adam_eps_zero_is_stopped_and_its_nan_weights_never_saved(tmp_path, asse
 # ------------------------------------------------------------------------------ config, run files
 
 @pytest.mark.parametrize("override,message", [
-    ("train_steps=-5", "train_steps=-5 must be >= 0 (0 = derived from the data and data.epochs)"),
+    ("train_steps=-5", "train_steps=-5 must be >= 0"),
     ("checkpoint.save_dir=''", "checkpoint.save_dir is empty: the trained weights would be lost; "
      "set checkpoint.save_dir=DIR, or checkpoint.enabled=false to train without checkpoints"),
     ("logging.log_interval=0", "logging.log_interval=0 must be >= 1"),
