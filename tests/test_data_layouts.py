@@ -417,7 +417,7 @@ def base_config(tmp_path, model, megatron, **data) -> dict:
             "model": {"hf_dir": str(model), "megatron_dir": str(megatron)},
             "optimizer": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
             "data": {"max_prompt_length": 1024, "micro_batch_size": 2, **data},
-            "checkpoint": {"save_dir": ""},
+            "checkpoint": {"enabled": False},
             "logging": {"run_dir": str(tmp_path / "run"), "tensorboard": False, "plots": False}}
 
 
