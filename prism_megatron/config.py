@@ -68,6 +68,8 @@ class DataConfig:
     epochs: int = 1
     shuffle: bool = True
     max_skip_fraction: float = 0.01    # fail if more rows than this are unusable
+    num_workers: int = 2               # SFT: DataLoader processes encoding rows (0 = in-process)
+    prefetch_steps: int = 4            # SFT: steps encoded ahead of training, at most
 
 
 @dataclass
@@ -219,9 +221,11 @@ def validate(cfg: PrismConfig | DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is not one of {list(allowed)}")
     for dotted in ("parallel.tp", "parallel.pp", "parallel.ep", "rollout.n",
-                   "data.global_batch_size", "data.micro_batch_size"):
+                   "data.global_batch_size", "data.micro_batch_size", "data.prefetch_steps"):
         if _get(cfg, dotted) < 1:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)} must be >= 1")
+    if _get(cfg, "data.num_workers") < 0:
+        raise ConfigError(f"data.num_workers={_get(cfg, 'data.num_workers')} must be >= 0")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
