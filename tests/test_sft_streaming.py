@@ -123,7 +123,6 @@ def test_workers_give_the_same_batches_and_resume_from_a_step_state(teacher_file
     inline = rank_steps(dataset, processor, range(1, 7), 1, 2, packing=True)
     workers = rank_steps(dataset, processor, range(1, 7), 1, 2, packing=True, num_workers=2)
     assert [s.step for s in workers] == list(range(1, 7))  # 6 steps cross an epoch (32 rows)
-    assert any(b["segment_ids"].max() > 1 for s in inline for b in s.batches)  # rows were packed
     resumed = rank_steps(dataset, processor, range(4, 7), 1, 2, packing=True,
                          sampler_state=inline[2].sampler_state)
     for a, b in list(zip(inline, workers)) + list(zip(inline[3:], resumed)):
@@ -185,3 +184,19 @@ def test_a_share_of_only_bad_rows_still_runs_the_agreed_micro_batches(tmp_path, 
     empty = pad_step(shards[1], totals, micro_batch_size=MICRO, pad_id=pad)
     assert len(empty) == 2 and all(b["loss_mask"].sum() == 0 for b in empty)
     assert empty[0]["input_ids"].shape == (MICRO, totals.seq_length)
+
+
+def test_packing_fills_rows_within_the_share(tmp_path, processor):
+    def row(answer):
+        return json.dumps({"messages": [{"role": "user", "content": "Q"},
+                                        {"role": "assistant", "content": answer}]})
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([row("A " * 60)] + [row("A")] * 7) + "\n")
+    dataset = SFTDataset([str(path)], processor, LIMITS)
+    shard = make_shards(dataset, processor, packing=True)[
+        next(iter(StepRequests(ResumableSampler(8, seed=0), range(1, 2), GBS, 0, 1)))]
+    long = len(dataset.encode(0).input_ids)
+    segments = sorted(int(r.max()) for b in shard.batches for r in b["segment_ids"])
+    assert sum(segments) == 8 and segments[0] <= 1 and segments[-1] > 1  # short rows share rows
+    assert shard.seq_length == -(-long // 8) * 8 and len(shard.batches) < GBS // MICRO
