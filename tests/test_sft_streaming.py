@@ -74,6 +74,12 @@ def test_jsonl_index_reads_rows_lazily(tmp_path):
         with pytest.raises(BadRow) as err:
             rows[index]
         assert err.value.reason == "bad_json"
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert len(JsonlRows(tmp_path / "empty.jsonl")) == 0
+    with pytest.raises(sft.DataFileError, match="hold no rows"):
+        SFTDataset([str(tmp_path / "empty.jsonl")], None, LIMITS)
+    with pytest.raises(sft.DataFileError, match="does not exist; fix data.train_files"):
+        SFTDataset([str(tmp_path / "nope.jsonl")], None, LIMITS)
 
 
 def test_start_up_reads_and_encodes_no_row(tmp_path, processor, monkeypatch):

@@ -80,6 +80,8 @@ def _line_spans(path: str, chunk_bytes: int = 1 << 26) -> tuple[np.ndarray, np.n
     ends = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
     if offset and (not len(ends) or ends[-1] != offset - 1):
         ends = np.append(ends, offset)          # a last line without its newline
+    if not len(ends):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
     lengths = (ends - starts).astype(np.int64)
     keep = lengths > 0
@@ -171,6 +173,8 @@ class SFTDataset:
         self.files = [str(f) for f in files]
         self.tables = [open_table(f) for f in self.files]
         self._ends = np.cumsum([len(t) for t in self.tables]).tolist()
+        if not self._ends[-1]:
+            raise DataFileError(f"data.train_files {self.files} hold no rows")
         self.processor, self.limits = processor, limits
 
     def __len__(self) -> int:

@@ -1,0 +1,164 @@
+"""SFT data loading at scale: time-to-first-batch and peak host memory for a 2k-row and a
+100k-row file (they should not grow with the rows), and encoding throughput with 1 vs 2
+DataLoader workers.
+
+    python benchmarks/data_loading.py [--small 2000] [--large 100000] [--encode-steps 24]
+
+Generates sharegpt JSONL files whose rows reference a handful of shared PNGs, and the tiny
+Qwen3-VL's processor, in a temp dir. Every measurement runs in a fresh subprocess (what a rank
+does at start-up: import, load the processor, open the rows, draw a global batch, encode this
+rank's share in a worker): peak RSS is that process's ``ru_maxrss`` (and its workers'). Readers:
+
+* ``jsonl-index`` (what training uses for .jsonl): a byte-offset index built by one pass over the
+  file, no cache; "cold" is its first run after the file was written, "warm" a second run.
+* ``arrow`` (``datasets.load_dataset``, what parquet/JSON arrays use): "cold" converts the file
+  into a fresh Arrow cache (grows with the rows), "warm" memory-maps that cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+ROOT = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH = 8
+
+
+def write_data(out: Path, sizes: list[int]) -> dict[int, Path]:
+    """Sharegpt JSONL files of the given row counts over 4 shared 64x64 images."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    colours = [(220, 40, 40), (40, 170, 70), (40, 80, 220), (240, 210, 40)]
+    for k, colour in enumerate(colours):
+        Image.new("RGB", (64, 64), colour).save(out / f"img{k}.png")
+    files = {}
+    for n in sizes:
+        path = out / f"sft_{n}.jsonl"
+        with path.open("w") as f:
+            for i in range(n):
+                f.write(json.dumps({
+                    "messages": [
+                        {"role": "user", "content": f"<image>How many cells are coloured? ({i})"},
+                        {"role": "assistant", "content": f"<caption>- {i % 9} cells</caption>\n"
+                         f"<think>{i % 9} + 1 = {i % 9 + 1}</think>\n<answer>{i % 9 + 1}</answer>"}],
+                    "images": [f"img{i % 4}.png"]}) + "\n")
+        files[n] = path
+    return files
+
+
+def child(args) -> None:
+    """One start-up (or one encoding run) in this fresh process; prints one JSON line."""
+    import resource
+
+    sys.path.insert(0, str(ROOT))
+    from functools import partial
+
+    from prism_megatron.data.encode import load_processor
+    from prism_megatron.data.sampler import ResumableSampler
+    from prism_megatron.data.sft import (DatasetRows, EncodeLimits, SFTDataset, StepRequests,
+                                         StepShards, open_row_table, step_loader)
+    from prism_megatron.models.qwen3_vl.rope import rope_index_for_sample
+    from transformers import AutoConfig
+
+    processor = load_processor(args.hf_dir)
+    position_fn = partial(rope_index_for_sample, hf_config=AutoConfig.from_pretrained(args.hf_dir))
+    t_index = time.perf_counter()
+    dataset = SFTDataset([args.file], processor, EncodeLimits(1024, 256),
+                         open_table=DatasetRows if args.reader == "arrow" else open_row_table)
+    t_index = time.perf_counter() - t_index
+    steps = range(1, (args.encode_steps or 1) + 1)
+    requests = StepRequests(ResumableSampler(len(dataset), seed=0), steps, GLOBAL_BATCH, 0, 1)
+    shards = StepShards(dataset, micro_batch_size=2, packing=False,
+                        pad_id=processor.tokenizer.pad_token_id, position_fn=position_fn)
+    loader = step_loader(shards, requests, num_workers=args.workers, prefetch_steps=4)
+    t_iter = time.perf_counter()
+    iterator = iter(loader)
+    first = next(iterator)
+    t_first = time.perf_counter()
+    rows = first.seen - sum(first.skipped.values())
+    for shard in iterator:
+        rows += shard.seen - sum(shard.skipped.values())
+    t_end = time.perf_counter()
+    del iterator  # joins the workers, so RUSAGE_CHILDREN covers them
+    mb = 1 / 1024  # ru_maxrss is in KiB on Linux
+    print(json.dumps({
+        "rows": len(dataset), "first_batch_s": t_first - T0, "index_s": t_index,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * mb,
+        "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * mb,
+        "encoded": rows, "encode_s": t_end - t_iter}))
+
+
+def measure(hf_dir: Path, file: Path, reader: str, workers: int, cache: Path,
+            encode_steps: int = 0) -> dict:
+    env = dict(os.environ, HF_DATASETS_CACHE=str(cache), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, __file__, "--child", "--hf-dir", str(hf_dir), "--file", str(file),
+           "--reader", reader, "--workers", str(workers), "--encode-steps", str(encode_steps)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=2000)
+    parser.add_argument("--large", type=int, default=100_000)
+    parser.add_argument("--encode-steps", type=int, default=24)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--file", help=argparse.SUPPRESS)
+    parser.add_argument("--reader", default="jsonl-index", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    sys.path.insert(0, str(ROOT))
+    from prism_megatron.models.qwen3_vl.tiny import write_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    hf_dir = write_tiny_model(work / "model", preset="tiny", log=lambda *a: None)
+    start = time.perf_counter()
+    files = write_data(work / "data", [args.small, args.large])
+    print(f"generated {args.small:,} + {args.large:,} rows (4 shared 64x64 PNGs) in "
+          f"{time.perf_counter() - start:.1f} s; global batch {GLOBAL_BATCH} rows, 2 workers, "
+          f"tiny Qwen3-VL processor")
+    results = {}
+    for reader in ("jsonl-index", "arrow"):
+        for n, file in files.items():
+            cache = work / f"cache-{reader}-{n}"
+            for temp in ("cold", "warm"):
+                results[reader, temp, n] = measure(hf_dir, file, reader, 2, cache)
+    print(f"{'reader':<12} {'start':<5} {'rows':>8} {'first batch':>12} {'open rows':>10} "
+          f"{'peak RSS':>9} {'worker RSS':>11}")
+    for (reader, temp, n), r in results.items():
+        print(f"{reader:<12} {temp:<5} {n:>8,} {r['first_batch_s']:>10.2f} s {r['index_s']:>8.2f} s"
+              f" {r['rss_mb']:>6.0f} MB {r['worker_rss_mb']:>8.0f} MB")
+    for reader in ("jsonl-index", "arrow"):
+        for temp in ("cold", "warm"):
+            small, large = results[reader, temp, args.small], results[reader, temp, args.large]
+            print(f"ratio {args.large // 1000}k/{args.small // 1000}k {reader} {temp}: "
+                  f"time-to-first-batch {large['first_batch_s'] / small['first_batch_s']:.2f}, "
+                  f"peak RSS {large['rss_mb'] / small['rss_mb']:.2f} "
+                  f"(workers {large['worker_rss_mb'] / small['worker_rss_mb']:.2f})")
+    rates = {}
+    for workers in (1, 2):
+        r = measure(hf_dir, files[args.small], "jsonl-index", workers, work / "cache-enc",
+                    encode_steps=args.encode_steps)
+        rates[workers] = r["encoded"] / r["encode_s"]
+    print(f"encoding {args.encode_steps * GLOBAL_BATCH} rows: 1 worker {rates[1]:.0f} rows/s, "
+          f"2 workers {rates[2]:.0f} rows/s (x{rates[2] / rates[1]:.2f}; "
+          f"{os.cpu_count()} CPUs on this host)")
+
+
+if __name__ == "__main__":
+    main()
