@@ -206,3 +206,64 @@ def test_packing_fills_rows_within_the_share(tmp_path, processor):
     segments = sorted(int(r.max()) for b in shard.batches for r in b["segment_ids"])
     assert sum(segments) == 8 and segments[0] <= 1 and segments[-1] > 1  # short rows share rows
     assert shard.seq_length == -(-long // 8) * 8 and len(shard.batches) < GBS // MICRO
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_dp2_stage_skips_bad_rows_like_dp1_and_stops_at_the_threshold(tmp_path, tiny_model_dir,
+                                                                       make_synthetic_data):
+    """`prism sft` on 2 data-parallel ranks: the bad rows fall unevenly on the ranks, the losses
+    equal one rank's, the skips are summed over the ranks, and too many end the run in one line."""
+    import subprocess
+
+    import yaml
+
+    from dist_utils import REPO, run_torchrun, torchrun_command
+    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+    from prism_megatron.metrics import read_history
+
+    data = make_synthetic_data(0)
+    rows = [json.loads(line) for line in (data / "sft_teacher.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["images"] = [str(data / image) for image in row["images"]]
+    good = [json.dumps(row) for row in rows[:12]]
+    bad = ["{oops", json.dumps(dict(rows[12], images=["missing.png"])), json.dumps({"messages": []}),
+           json.dumps({"messages": [rows[13]["messages"][0], {"role": "assistant", "content": " "}]})]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(good[:6] + bad + good[6:]) + "\n")
+    megatron = tmp_path / "megatron"
+    convert_hf_to_megatron(tiny_model_dir, megatron, tp=1, pp=1, fmt="torch_dist")
+
+    def config(name, max_skip_fraction):
+        cfg = {"seed": 0, "train_steps": 2,
+               "model": {"hf_dir": str(tiny_model_dir), "megatron_dir": str(megatron)},
+               "data": {"train_files": [str(path)], "max_prompt_length": 512,
+                        "max_response_length": 64, "global_batch_size": 8, "micro_batch_size": 2,
+                        "max_skip_fraction": max_skip_fraction},
+               "logging": {"run_dir": str(tmp_path / name), "tensorboard": False, "plots": False}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        return str(tmp_path / f"{name}.yaml")
+
+    histories = {}
+    for name, nproc in (("dp1", 1), ("dp2", 2)):
+        run_torchrun("-m", nproc, "prism_megatron.cli", "sft", config(name, 0.3))
+        histories[name] = [r for r in read_history(tmp_path / name) if "loss" in r]
+    assert [r["rows_skipped"] for r in histories["dp2"]] == [r["rows_skipped"] for r in
+                                                             histories["dp1"]]
+    assert histories["dp2"][-1]["rows_skipped"] == 4  # 16 rows read, 4 of them bad
+    assert [r["loss"] for r in histories["dp2"]] == pytest.approx(
+        [r["loss"] for r in histories["dp1"]], abs=1e-5)
+    assert [r["tokens"] for r in histories["dp2"]] == [r["tokens"] for r in histories["dp1"]]
+
+    cmd, env = torchrun_command(2, ["-m", "prism_megatron.cli", "sft", config("strict", 0.2)])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("prism sft: error:")]
+    assert lines and set(lines) == {
+        "prism sft: error: too many unusable SFT rows: 4 of the first 16 rows read from "
+        "data.train_files were skipped (25.0% > data.max_skip_fraction=0.2; by reason: "
+        "bad_json=1, empty_assistant=1, missing_image=1, no_messages=1); fix or remove "
+        "those rows, or raise data.max_skip_fraction"}
+    # The ranks exit with status 2 and no traceback (torchrun's launcher then prints its own).
+    ranks = proc.stderr.split("torch/distributed/elastic/multiprocessing/api.py")[0]
+    assert "Traceback" not in ranks and "failed (exitcode: 2)" in proc.stderr
