@@ -155,12 +155,12 @@ def main() -> None:
                   f"(data part {large['data_s'] / small['data_s']:.2f}), "
                   f"peak RSS {large['rss_mb'] / small['rss_mb']:.2f} "
                   f"(workers {large['worker_rss_mb'] / small['worker_rss_mb']:.2f})")
-    rates = {}
-    for workers in (1, 2):
+    rates = {1: 0.0, 2: 0.0}
+    for workers in (1, 2, 1, 2):  # best of two each, interleaved: the host is shared
         r = measure(hf_dir, files[args.small], "jsonl-index", workers, work / "cache-enc",
                     encode_steps=args.encode_steps)
-        rates[workers] = r["encoded"] / r["encode_s"]
-    print(f"encoding {args.encode_steps * GLOBAL_BATCH} rows: 1 worker {rates[1]:.0f} rows/s, "
+        rates[workers] = max(rates[workers], r["encoded"] / r["encode_s"])
+    print(f"encoding {args.encode_steps * GLOBAL_BATCH} rows (best of 2): 1 worker {rates[1]:.0f} rows/s, "
           f"2 workers {rates[2]:.0f} rows/s (x{rates[2] / rates[1]:.2f}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
 

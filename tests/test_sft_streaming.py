@@ -70,6 +70,8 @@ def test_jsonl_index_reads_rows_lazily(tmp_path):
     rows = JsonlRows(path)
     assert len(rows) == 5  # the blank line is not a row; the last line has no newline
     assert rows[0] == {"a": 1} and rows[1] == {"a": 2} and rows[4] == {"a": "é"}
+    for a, b in zip(sft._line_spans(str(path)), sft._line_spans(str(path), chunk_bytes=3)):
+        assert a.tolist() == b.tolist()  # lines cut by the read chunks are found whole
     for index in (2, 3):
         with pytest.raises(BadRow) as err:
             rows[index]

@@ -70,7 +70,7 @@ def read_rows(path: str | Path) -> Iterator[dict]:
 
 # ---- random-access row tables ---------------------------------------------------------------
 
-def _line_spans(path: str, chunk_bytes: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+def _line_spans(path: str, chunk_bytes: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
     """(start offset, length) of every non-empty line, by one streaming pass over the bytes."""
     ends, offset = [], 0
     with open(path, "rb") as f:
