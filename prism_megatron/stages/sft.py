@@ -89,6 +89,7 @@ def run(cfg: PrismConfig) -> dict:
                                 ps.get_data_parallel_world_size())
         loader = step_loader(shards, requests, num_workers=cfg.data.num_workers,
                              prefetch_steps=cfg.data.prefetch_steps)
+        steps = iter(loader)  # workers start encoding now, overlapping the first evaluation
         evaluator = PolicyEvaluator(cfg, processor)
         metrics = {}
         with MetricsLogger(cfg.logging.run_dir, total_steps, start, desc="sft",
@@ -97,7 +98,7 @@ def run(cfg: PrismConfig) -> dict:
                 before = evaluator(model, model.hf_config)
                 logger.log(0, before)
                 log.info("before SFT: %s", before)
-            for shard in loader:
+            for shard in steps:
                 step = shard.step
                 batches, seq_length, totals = step_micro_batches(
                     shard, micro_batch_size=cfg.data.micro_batch_size, pad_id=pad_id,
