@@ -11,8 +11,9 @@ rank's share in a worker): peak RSS is that process's ``ru_maxrss`` (and its wor
 
 * ``jsonl-index`` (what training uses for .jsonl): a byte-offset index built by one pass over the
   file, no cache; "cold" is its first run after the file was written, "warm" a second run.
-* ``arrow`` (``datasets.load_dataset``, what parquet/JSON arrays use): "cold" converts the file
-  into a fresh Arrow cache (grows with the rows), "warm" memory-maps that cache.
+* ``parquet`` (the same rows; read through ``datasets``' memory-mapped Arrow table, as parquet
+  and JSON-array files are): "cold" converts the file into a fresh Arrow cache (grows with the
+  rows), "warm" memory-maps that cache.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
 
 
-def write_data(out: Path, sizes: list[int]) -> dict[int, Path]:
-    """Sharegpt JSONL files of the given row counts over 4 shared 64x64 images."""
+def write_data(out: Path, sizes: list[int]) -> dict[tuple[str, int], Path]:
+    """Sharegpt JSONL and parquet files of the given row counts over 4 shared 64x64 images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -41,16 +44,16 @@ def write_data(out: Path, sizes: list[int]) -> dict[int, Path]:
         Image.new("RGB", (64, 64), colour).save(out / f"img{k}.png")
     files = {}
     for n in sizes:
-        path = out / f"sft_{n}.jsonl"
-        with path.open("w") as f:
-            for i in range(n):
-                f.write(json.dumps({
-                    "messages": [
-                        {"role": "user", "content": f"<image>How many cells are coloured? ({i})"},
-                        {"role": "assistant", "content": f"<caption>- {i % 9} cells</caption>\n"
-                         f"<think>{i % 9} + 1 = {i % 9 + 1}</think>\n<answer>{i % 9 + 1}</answer>"}],
-                    "images": [f"img{i % 4}.png"]}) + "\n")
-        files[n] = path
+        rows = [{"messages": [
+                    {"role": "user", "content": f"<image>How many cells are coloured? ({i})"},
+                    {"role": "assistant", "content": f"<caption>- {i % 9} cells</caption>\n"
+                     f"<think>{i % 9} + 1 = {i % 9 + 1}</think>\n<answer>{i % 9 + 1}</answer>"}],
+                 "images": [f"img{i % 4}.png"]} for i in range(n)]
+        files["jsonl-index", n] = out / f"sft_{n}.jsonl"
+        with files["jsonl-index", n].open("w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        files["parquet", n] = out / f"sft_{n}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), files["parquet", n])
     return files
 
 
@@ -63,16 +66,15 @@ def child(args) -> None:
 
     from prism_megatron.data.encode import load_processor
     from prism_megatron.data.sampler import ResumableSampler
-    from prism_megatron.data.sft import (DatasetRows, EncodeLimits, SFTDataset, StepRequests,
-                                         StepShards, open_row_table, step_loader)
+    from prism_megatron.data.sft import (EncodeLimits, SFTDataset, StepRequests, StepShards,
+                                         step_loader)
     from prism_megatron.models.qwen3_vl.rope import rope_index_for_sample
     from transformers import AutoConfig
 
     processor = load_processor(args.hf_dir)
     position_fn = partial(rope_index_for_sample, hf_config=AutoConfig.from_pretrained(args.hf_dir))
     t_index = time.perf_counter()
-    dataset = SFTDataset([args.file], processor, EncodeLimits(1024, 256),
-                         open_table=DatasetRows if args.reader == "arrow" else open_row_table)
+    dataset = SFTDataset([args.file], processor, EncodeLimits(1024, 256))
     t_index = time.perf_counter() - t_index
     steps = range(1, (args.encode_steps or 1) + 1)
     requests = StepRequests(ResumableSampler(len(dataset), seed=0), steps, GLOBAL_BATCH, 0, 1)
@@ -97,13 +99,13 @@ def child(args) -> None:
         "encoded": rows, "encode_s": t_end - t_iter}))
 
 
-def measure(hf_dir: Path, file: Path, reader: str, workers: int, cache: Path,
+def measure(hf_dir: Path, file: Path, workers: int, cache: Path,
             encode_steps: int = 0) -> dict:
     env = dict(os.environ, HF_DATASETS_CACHE=str(cache), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, __file__, "--child", "--hf-dir", str(hf_dir), "--file", str(file),
-           "--reader", reader, "--workers", str(workers), "--encode-steps", str(encode_steps)]
+           "--workers", str(workers), "--encode-steps", str(encode_steps)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -117,7 +119,6 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
-    parser.add_argument("--reader", default="jsonl-index", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -130,24 +131,24 @@ def main() -> None:
     hf_dir = write_tiny_model(work / "model", preset="tiny", log=lambda *a: None)
     start = time.perf_counter()
     files = write_data(work / "data", [args.small, args.large])
-    print(f"generated {args.small:,} + {args.large:,} rows (4 shared 64x64 PNGs) in "
+    print(f"generated {args.small:,} + {args.large:,} rows as JSONL and parquet (4 shared 64x64 "
+          f"PNGs) in "
           f"{time.perf_counter() - start:.1f} s; global batch {GLOBAL_BATCH} rows, 2 workers, "
           f"tiny Qwen3-VL processor; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} CPUs")
     results = {}
-    for reader in ("jsonl-index", "arrow"):
-        for n, file in files.items():
-            cache = work / f"cache-{reader}-{n}"
-            for temp in ("cold", "warm"):
-                results[reader, temp, n] = measure(hf_dir, file, reader, 2, cache)
+    for (reader, n), file in files.items():
+        cache = work / f"cache-{reader}-{n}"
+        for temp in ("cold", "warm"):
+            results[reader, temp, n] = measure(hf_dir, file, 2, cache)
     # first batch: from the interpreter's start (imports and processor included); data: opening
     # the rows + drawing and encoding the first step (what could grow with the rows).
     print(f"{'reader':<12} {'start':<5} {'rows':>8} {'first batch':>12} {'data':>8} "
           f"{'open rows':>10} {'peak RSS':>9} {'worker RSS':>11}")
-    for (reader, temp, n), r in results.items():
+    for (reader, temp, n), r in sorted(results.items()):
         print(f"{reader:<12} {temp:<5} {n:>8,} {r['first_batch_s']:>10.2f} s {r['data_s']:>6.2f} s"
               f" {r['index_s']:>8.2f} s {r['rss_mb']:>6.0f} MB {r['worker_rss_mb']:>8.0f} MB")
-    for reader in ("jsonl-index", "arrow"):
+    for reader in ("jsonl-index", "parquet"):
         for temp in ("cold", "warm"):
             small, large = results[reader, temp, args.small], results[reader, temp, args.large]
             print(f"ratio {args.large // 1000}k/{args.small // 1000}k {reader} {temp}: "
@@ -157,7 +158,7 @@ def main() -> None:
                   f"(workers {large['worker_rss_mb'] / small['worker_rss_mb']:.2f})")
     rates = {1: 0.0, 2: 0.0}
     for workers in (1, 2, 1, 2):  # best of two each, interleaved: the host is shared
-        r = measure(hf_dir, files[args.small], "jsonl-index", workers, work / "cache-enc",
+        r = measure(hf_dir, files["jsonl-index", args.small], workers, work / "cache-enc",
                     encode_steps=args.encode_steps)
         rates[workers] = max(rates[workers], r["encoded"] / r["encode_s"])
     print(f"encoding {args.encode_steps * GLOBAL_BATCH} rows (best of 2): 1 worker {rates[1]:.0f} rows/s, "

@@ -52,13 +52,13 @@ def rank_steps(dataset, processor, steps, dp_rank, dp_size, sampler_state=None, 
 
 
 def spy_encodes(monkeypatch):
-    """Record every row handed to encode_row."""
+    """Record every (file, row) handed to encode_row."""
     calls = []
     real = sft.encode_row
 
-    def counting(row, base_dir, processor, limits):
-        calls.append(json.dumps(row, sort_keys=True))
-        return real(row, base_dir, processor, limits)
+    def counting(table, index, processor, limits):
+        calls.append((str(table.path), index))
+        return real(table, index, processor, limits)
 
     monkeypatch.setattr(sft, "encode_row", counting)
     return calls
@@ -89,10 +89,11 @@ def test_start_up_reads_and_encodes_no_row(tmp_path, processor, monkeypatch):
                                    {"role": "assistant", "content": "A"}]})
     path = tmp_path / "big.jsonl"
     path.write_text((row + "\n") * 100_000)
-    calls = spy_encodes(monkeypatch)
-    monkeypatch.setattr(sft.json, "loads", lambda *a: pytest.fail("a row was parsed"))
+    calls, parsed, loads = spy_encodes(monkeypatch), [], json.loads
+    monkeypatch.setattr(json, "loads", lambda *a, **k: parsed.append(1) or loads(*a, **k))
     dataset = SFTDataset([str(path), str(path)], processor, LIMITS)
     assert len(dataset) == 200_000 and calls == []
+    assert len(parsed) <= 64  # at most a fixed probe of rows per file, never all of them
     assert dataset.locate(100_000) == (1, 0) and dataset.locate(199_999) == (1, 99_999)
 
 

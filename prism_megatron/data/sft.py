@@ -29,7 +29,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -154,10 +154,18 @@ class EncodeLimits:
     max_response_length: int
 
 
-def encode_row(row: dict[str, Any], base_dir: Path, processor, limits: EncodeLimits) -> Encoded:
-    """One SFT row -> model inputs; raises ``BadRow`` (counted and skipped) when unusable."""
+def row_example(table, index: int) -> tuple[list[dict], list]:
+    """(chat messages with typed parts, RGB images) of row ``index`` of ``table``, or
+    ``BadRow``; image paths are relative to the table's file."""
+    row = table[index]
     messages = row_messages(row)
-    images = load_images(row, base_dir, count_placeholders(messages))
+    return messages, load_images(row, Path(table.path).parent, count_placeholders(messages))
+
+
+def encode_row(table, index: int, processor, limits: EncodeLimits) -> Encoded:
+    """Row ``index`` of ``table`` -> model inputs; raises ``BadRow`` (counted and skipped) when
+    unusable. The one per-row function of SFT training."""
+    messages, images = row_example(table, index)
     return encode_conversation(processor, messages, images,
                                max_prompt_length=limits.max_prompt_length,
                                max_response_length=limits.max_response_length)
@@ -166,12 +174,11 @@ def encode_row(row: dict[str, Any], base_dir: Path, processor, limits: EncodeLim
 class SFTDataset:
     """The rows of ``files`` as one index space; ``encode(i)`` reads and encodes row i."""
 
-    def __init__(self, files: Sequence[str], processor, limits: EncodeLimits,
-                 open_table: Callable = open_row_table):
+    def __init__(self, files: Sequence[str], processor, limits: EncodeLimits):
         if not files:
             raise ValueError("data.train_files is empty: give at least one JSONL/parquet file")
         self.files = [str(f) for f in files]
-        self.tables = [open_table(f) for f in self.files]
+        self.tables = [open_row_table(f) for f in self.files]
         self._ends = np.cumsum([len(t) for t in self.tables]).tolist()
         if not self._ends[-1]:
             raise DataFileError(f"data.train_files {self.files} hold no rows")
@@ -189,8 +196,7 @@ class SFTDataset:
 
     def encode(self, index: int) -> Encoded:
         file_no, local = self.locate(index)
-        row = self.tables[file_no][local]
-        return encode_row(row, Path(self.files[file_no]).parent, self.processor, self.limits)
+        return encode_row(self.tables[file_no], local, self.processor, self.limits)
 
 
 def load_sft_samples(files: list[str], processor, *, max_prompt_length: int,
