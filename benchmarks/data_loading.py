@@ -57,10 +57,20 @@ def write_data(out: Path, sizes: list[int]) -> dict[tuple[str, int], Path]:
     return files
 
 
+def peak_rss_mb(pid: str = "self") -> float:
+    """A process's peak resident memory (VmHWM, Linux; ``ru_maxrss`` is not reset by exec, so it
+    would include the parent's memory at fork)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def child(args) -> None:
     """One start-up (or one encoding run) in this fresh process; prints one JSON line."""
-    import resource
-
     sys.path.insert(0, str(ROOT))
     from functools import partial
 
@@ -86,16 +96,19 @@ def child(args) -> None:
     first = next(iterator)
     t_first = time.perf_counter()
     rows = first.seen - sum(first.skipped.values())
-    for shard in iterator:
+    for _ in range(len(steps) - 1):
+        shard = next(iterator)
         rows += shard.seen - sum(shard.skipped.values())
     t_end = time.perf_counter()
-    del iterator  # joins the workers, so RUSAGE_CHILDREN covers them
-    mb = 1 / 1024  # ru_maxrss is in KiB on Linux
+    # The workers' peaks (pages shared with this process since the fork included), read while
+    # they still run: the iterator shuts them down once it is exhausted.
+    workers = [peak_rss_mb(str(w.pid)) for w in getattr(iterator, "_workers", [])]
+    del iterator
     print(json.dumps({
         "rows": len(dataset), "first_batch_s": t_first - T0, "index_s": t_index,
         "data_s": t_index + t_first - t_iter,
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * mb,
-        "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * mb,
+        "rss_mb": peak_rss_mb(),
+        "worker_rss_mb": max(workers, default=0.0),
         "encoded": rows, "encode_s": t_end - t_iter}))
 
 
