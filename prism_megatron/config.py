@@ -79,6 +79,8 @@ class DataConfig:
     datasets: list[str] = field(default_factory=list)   # ... and the dataset names it trains on
     media_dir: str = ""                # LLaMA-Factory media_dir: base of relative image paths
     image_root: str = ""               # base of relative image paths (warm-up pairs, others)
+    num_workers: int = 2               # SFT: DataLoader processes encoding rows (0 = in-process)
+    prefetch_steps: int = 4            # SFT: steps encoded ahead of training, at most
 
 
 @dataclass
@@ -244,6 +246,7 @@ RANGES = (
     ("data.min_pixels", 1, True, None, None), ("data.max_pixels", 1, True, None, None),
     ("data.global_batch_size", 1, True, None, None), ("data.micro_batch_size", 1, True, None, None),
     ("data.epochs", 1, True, None, None), ("data.max_skip_fraction", 0, True, 1, True),
+    ("data.num_workers", 0, True, None, None), ("data.prefetch_steps", 1, True, None, None),
     ("rollout.n", 1, True, None, None), ("rollout.temperature", 0, True, None, None),
     ("rollout.top_p", 0, False, 1, True), ("rollout.max_new_tokens", 1, True, None, None),
     ("rollout.sglang_tp", 1, True, None, None), ("rollout.sglang_mem_fraction", 0, False, 1, False),

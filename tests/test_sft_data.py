@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from prism_megatron.data.collate import (collate_packed, collate_padded, pack_greedy,
-                                         segment_attention_mask, shifted_labels)
+from prism_megatron.data.collate import (collate, collate_packed, collate_padded, empty_batch,
+                                         pack_greedy, pad_batch, segment_attention_mask,
+                                         shifted_labels)
 from prism_megatron.data.encode import IGNORE_INDEX, Encoded, encode_conversation, load_processor
 from prism_megatron.data.sampler import ResumableSampler
 from prism_megatron.data.sft import load_sft_samples
@@ -122,6 +123,22 @@ def test_packing_keeps_samples_apart():
     assert not mask[5, 2] and mask[5, 1]
     padded = collate_padded([a, b], pad_id=0, position_fn=arange_positions)
     assert padded["loss_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
+
+
+def test_padding_a_collated_batch_equals_collating_at_that_length():
+    a = Encoded(torch.tensor([1, 2, 3]), torch.tensor([False, True, True]), None, None)
+    b = Encoded(torch.tensor([4, 5]), torch.tensor([False, True]), None, None)
+    kwargs = dict(pad_id=7, position_fn=lambda ids, grid: torch.arange(1, len(ids) + 1).expand(3, -1))
+    short = collate([a, b], [[0], [1], []], **kwargs)
+    assert short["input_ids"].shape == (3, 3)
+    padded, direct = pad_batch(short, 8, pad_id=7), collate([a, b], [[0], [1], []], length=8, **kwargs)
+    assert padded.keys() == direct.keys()
+    assert all(torch.equal(padded[k], direct[k]) for k in direct)
+    assert padded["input_ids"][1].tolist() == [4, 5, 7, 7, 7, 7, 7, 7]
+    empty = empty_batch(2, 8, pad_id=7)
+    assert empty["input_ids"].tolist() == [[7] * 8] * 2 and empty["loss_mask"].sum() == 0
+    with pytest.raises(ValueError, match="exceeds 2"):
+        pad_batch(short, 2, pad_id=7)
 
 
 def test_sampler_is_deterministic_and_resumes_mid_epoch():

@@ -47,7 +47,7 @@ def pack_greedy(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def collate(samples: Sequence[Encoded], rows: list[list[int]], *, pad_id: int,
-            position_fn: PositionFn, length: int | None = None) -> dict[str, torch.Tensor]:
+            position_fn: PositionFn | None, length: int | None = None) -> dict[str, torch.Tensor]:
     """Lay ``samples`` out as ``rows`` (lists of sample indices per batch row)."""
     seq = length or max(sum(len(samples[i].input_ids) for i in row) for row in rows)
     batch = len(rows)
@@ -75,6 +75,25 @@ def collate(samples: Sequence[Encoded], rows: list[list[int]], *, pad_id: int,
         out["pixel_values"] = torch.cat(pixels)
         out["image_grid_thw"] = torch.cat(grids)
     return out
+
+
+def pad_batch(batch: dict[str, torch.Tensor], length: int, *, pad_id: int) -> dict[str, torch.Tensor]:
+    """``batch`` right-padded to ``length`` positions: the same tensors ``collate`` would have
+    built with that ``length``."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra < 0:
+        raise ValueError(f"batch of {batch['input_ids'].shape[1]} positions exceeds {length}")
+    if extra == 0:
+        return batch
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "loss_mask": 0.0, "segment_ids": 0,
+            "position_ids": 0}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if k in fill else v
+            for k, v in batch.items()}
+
+
+def empty_batch(rows: int, length: int, *, pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch of padding only (no loss tokens)."""
+    return collate([], [[] for _ in range(rows)], pad_id=pad_id, position_fn=None, length=length)
 
 
 def collate_padded(samples: Sequence[Encoded], **kwargs) -> dict[str, torch.Tensor]:
