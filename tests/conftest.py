@@ -116,3 +116,14 @@ def sft_policy(make_tiny_model, make_synthetic_data, tmp_path_factory):
     run_torchrun("-m", 1, "prism_megatron.cli", "sft", root / "sft.yaml", timeout=1500)
     return SimpleNamespace(model=model, data=data, megatron=megatron, ckpt=root / "ckpt",
                            run=root / "run")
+
+
+@pytest.fixture(scope="session")
+def sft_assets(make_tiny_model, make_synthetic_data, tmp_path_factory):
+    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+
+    model = make_tiny_model("tiny", 0)
+    data = make_synthetic_data(0)
+    megatron = tmp_path_factory.mktemp("sft-assets") / "megatron"
+    convert_hf_to_megatron(model, megatron, tp=1, pp=1, fmt="torch_dist")
+    return model, data, megatron

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import torch
 import yaml
 
+import sft_common
 from dist_utils import REPO, run_torchrun, torchrun_command
 from prism_megatron.cli import main
 from prism_megatron.metrics import read_history
@@ -22,35 +24,11 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def assets(make_tiny_model, make_synthetic_data, tmp_path_factory):
-    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
-
-    model = make_tiny_model("tiny", 0)
-    data = make_synthetic_data(0)
-    megatron = tmp_path_factory.mktemp("resilience") / "megatron"
-    convert_hf_to_megatron(model, megatron, tp=1, pp=1, fmt="torch_dist", progress=False)
-    return model, data, megatron
+def assets(sft_assets):
+    return sft_assets
 
 
-def write_config(root, assets, **sections) -> str:
-    model, data, megatron = assets
-    cfg = {
-        "seed": 0, "train_steps": STEPS,
-        "model": {"hf_dir": str(model), "megatron_dir": str(megatron)},
-        "optimizer": {"lr": 2e-3, "warmup_ratio": 0.1},
-        "data": {"train_files": [str(data / "sft_teacher.jsonl")], "max_prompt_length": 512,
-                 "max_response_length": 128, "global_batch_size": 8, "micro_batch_size": 2},
-        "checkpoint": {"save_dir": str(root / "ckpt"), "save_interval": 100},
-        "logging": {"run_dir": str(root / "run"), "tensorboard": False, "plots": False},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            cfg.setdefault(section, {}).update(values)
-        else:
-            cfg[section] = values
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "sft.yaml").write_text(yaml.safe_dump(cfg))
-    return str(root / "sft.yaml")
+write_config = partial(sft_common.write_config, train_steps=STEPS)
 
 
 def losses(run_dir) -> list[float]:

@@ -3,43 +3,15 @@ a killed run resumes bit-exactly, and packing does not change the loss."""
 
 import pytest
 import torch
-import yaml
 
+from functools import partial
+
+import sft_common
 from dist_utils import kill_stage_after, run_torchrun
 from prism_megatron.metrics import read_history
 
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def sft_assets(make_tiny_model, make_synthetic_data, tmp_path_factory):
-    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
-
-    model = make_tiny_model("tiny", 0)
-    data = make_synthetic_data(0)
-    megatron = tmp_path_factory.mktemp("sft") / "megatron"
-    convert_hf_to_megatron(model, megatron, tp=1, pp=1, fmt="torch_dist")
-    return model, data, megatron
-
-
-def write_config(tmp_path, assets, **sections) -> str:
-    model, data, megatron = assets
-    cfg = {
-        "seed": 0, "train_steps": STEPS,
-        "model": {"hf_dir": str(model), "megatron_dir": str(megatron)},
-        "optimizer": {"lr": 2e-3, "warmup_ratio": 0.1},
-        "data": {"train_files": [str(data / "sft_teacher.jsonl")], "max_prompt_length": 512,
-                 "max_response_length": 128, "global_batch_size": 8, "micro_batch_size": 2},
-        "checkpoint": {"save_dir": str(tmp_path / "ckpt"), "save_interval": 100},
-        "logging": {"run_dir": str(tmp_path / "run"), "tensorboard": False, "plots": False},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values) if isinstance(values, dict) else cfg.update(
-            {section: values})
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "sft.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+write_config = partial(sft_common.write_config, train_steps=STEPS)
 
 
 def run_sft(tmp_path, assets, nproc=1, **sections) -> list[float]:

@@ -198,6 +198,7 @@ class StepShards(Dataset):
                  position_fn):
         self.dataset, self.micro_batch_size, self.packing = dataset, micro_batch_size, packing
         self.pad_id, self.position_fn = pad_id, position_fn
+        self.warnings = SkipStats()   # names the first bad rows (file:line) per process
 
     def __getitem__(self, request: StepRequest) -> StepShard:
         samples, skipped = [], Counter()
@@ -206,6 +207,7 @@ class StepShards(Dataset):
                 samples.append(self.dataset.encode(index))
             except BadRow as bad:
                 skipped[bad.reason] += 1
+                self.warnings.skip(bad)
         lengths = [len(s.input_ids) for s in samples]
         if self.packing and samples:
             rows = pack_greedy(lengths, max(lengths))

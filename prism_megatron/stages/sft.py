@@ -126,8 +126,9 @@ def run(cfg: PrismConfig) -> dict:
                     save=lambda: trainer.save(step, {"sampler": shard.sampler_state,
                                                      "data_rows": monitor.state_dict()}))
                 logger.tick()
-        log.info("SFT data: %d rows read, %d skipped (this rank: %s)", monitor.seen,
-                 monitor.skipped, dict(monitor.reasons) or "none")
+        read = dataset.layouts           # the files' layouts, with the rows read and skipped
+        read.seen, read.skipped = monitor.seen, gather_reasons(monitor.reasons, dp_group)
+        log.info("SFT data: %s", read.summary())
         if cfg.logging.plots:
             plot_curves(cfg.logging.run_dir, ["loss", "lr", "grad_norm"], "sft_curves.png", "SFT")
         return metrics
