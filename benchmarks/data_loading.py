@@ -7,7 +7,7 @@ DataLoader workers.
 Generates sharegpt JSONL files whose rows reference a handful of shared PNGs, and the tiny
 Qwen3-VL's processor, in a temp dir. Every measurement runs in a fresh subprocess (what a rank
 does at start-up: import, load the processor, open the rows, draw a global batch, encode this
-rank's share in a worker): peak RSS is that process's ``ru_maxrss`` (and its workers'). Readers:
+rank's share in a worker): peak RSS is that process's VmHWM (and its workers'). Readers:
 
 * ``jsonl-index`` (what training uses for .jsonl): a byte-offset index built by one pass over the
   file, no cache; "cold" is its first run after the file was written, "warm" a second run.
