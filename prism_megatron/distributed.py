@@ -90,7 +90,12 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234,
         # A world of one needs no rendezvous: an in-memory store, so no port to pick (a port
         # chosen free can be taken by another process before it is bound).
         store = {"store": dist.HashStore()} if alone else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+        # On GPUs the small CPU tensors of the bookkeeping collectives (loss sums, token and
+        # valid counts, the preemption flag) go over gloo and CUDA tensors over NCCL: an
+        # NCCL-only group refuses CPU tensors ("No backend type associated with device type
+        # cpu"). Megatron's groups inherit both backends from the default group.
+        pg_backend = "cuda:nccl,cpu:gloo" if backend == "nccl" else backend
+        dist.init_process_group(backend=pg_backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes), **store)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -335,9 +335,14 @@ def test_deadline_frees_the_slot_and_the_next_request_is_served(limited):
         "max_new_tokens": CONTEXT - 3, "ignore_eos": True, "temperature": 0}}
     code, text = _post(url + "/generate", json.dumps(long).encode())
     assert code == 504 and "--request-timeout-s=1" in json.loads(text)["message"]
-    # the worker is free again: a small request (with the same 1 s deadline) is answered
-    code, text = _post(url + "/generate", json.dumps(
-        {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}}).encode())
+    # The worker is free again: a small request (with the same 1 s deadline) is answered. On a
+    # loaded machine even 2 tokens can miss 1 s once, so it may try 3 times; a worker still busy
+    # with the long request (4093 tokens) would miss all three.
+    for _ in range(3):
+        code, text = _post(url + "/generate", json.dumps(
+            {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}}).encode())
+        if code == 200:
+            break
     assert code == 200 and len(json.loads(text)["output_ids"]) <= 2
 
 
