@@ -235,6 +235,7 @@ def test_dp2_stage_skips_bad_rows_like_dp1_and_stops_at_the_threshold(tmp_path, 
                "data": {"train_files": [str(path)], "max_prompt_length": 512,
                         "max_response_length": 64, "global_batch_size": 8, "micro_batch_size": 2,
                         "max_skip_fraction": max_skip_fraction},
+               "checkpoint": {"enabled": False},
                "logging": {"run_dir": str(tmp_path / name), "tensorboard": False, "plots": False}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
         return str(tmp_path / f"{name}.yaml")
