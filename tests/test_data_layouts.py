@@ -209,7 +209,7 @@ def test_system_prompt_rule():
 def test_bad_files_are_one_line_naming_the_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match=r"empty.jsonl has no rows \(the file is empty\)"):
-        list(__import__("prism_megatron.data.sft", fromlist=["x"]).read_rows(
+        list(__import__("prism_megatron.data.rows", fromlist=["x"]).read_rows(
             tmp_path / "empty.jsonl"))
     (tmp_path / "u16.jsonl").write_bytes(json.dumps({"messages": []}).encode("utf-16"))
     with pytest.raises(DataError, match="u16.jsonl is UTF-16 text; rows must be UTF-8"):

@@ -54,14 +54,6 @@ class TooManyBadRows(PrismError, ValueError):
     """More than ``data.max_skip_fraction`` of the rows read so far were unusable."""
 
 
-def read_rows(path, data_cfg=None) -> Iterator[dict]:
-    """Rows of one data file in any published layout, as sharegpt dicts
-    (``prism_megatron.data.rows.read_rows``; ``path`` may be a ``RowSource``)."""
-    from prism_megatron.data.rows import read_rows as _read_rows
-
-    yield from _read_rows(path, data_cfg)
-
-
 # ---- the one per-row function ---------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def _pairs_step(policy, hf_dir, align_file, out, seed, samples, heldout_rows, ma
     from prism_megatron.config import PrismConfig, load_config
     from prism_megatron.convert.megatron_to_hf import convert_megatron_to_hf
     from prism_megatron.data.encode import load_processor
-    from prism_megatron.data.sft import read_rows
+    from prism_megatron.data.rows import read_rows
     from prism_megatron.models.discriminator.pairs import policy_pair_rows
     from prism_megatron.rollout import make_engine, sampling_params
 
