@@ -4,9 +4,11 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 REQS    := requirements.txt requirements-test.txt pyproject.toml
 STAMP   := $(VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
+# lmms-eval (eval.harness: lmms-eval) pulls many packages: only `make test` (its test) installs it
+EVAL_STAMP := $(VENV)/.installed-eval-$(shell cat $(REQS) requirements-eval.txt | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install install-eval install-gpu test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -18,7 +20,22 @@ $(STAMP): $(REQS)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: install
+# CUDA machines: sglang (it pins torch==2.14.1, transformers and tokenizers), then Transformer
+# Engine, which compiles against the installed torch and so must see it (--no-build-isolation).
+install-gpu: install
+	$(BIN)/pip install -q $$(grep -E '^sglang' requirements-gpu.txt)
+	$(BIN)/pip install -q wheel ninja packaging
+	$(BIN)/pip install -q --no-build-isolation $$(grep -E '^transformer-engine' requirements-gpu.txt)
+	$(BIN)/python -c "import sglang, transformer_engine; print('gpu extras: sglang', sglang.__version__)"
+
+install-eval: $(EVAL_STAMP)
+
+$(EVAL_STAMP): $(STAMP) requirements-eval.txt
+	$(BIN)/pip install -q -r requirements.txt -r requirements-test.txt -r requirements-eval.txt
+	@rm -f $(VENV)/.installed-eval-*
+	@touch $@
+
+test: install install-eval
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Everything except the tests marked slow (torchrun / multi-process, or over ~20 s): minutes.

@@ -57,7 +57,8 @@ def build_model_dir(out: Path, size_mb: int) -> float:
     import torch
     from safetensors.torch import save_file
 
-    from prism_megatron.convert.table import get_family, hf_reference_shapes
+    from prism_megatron.convert.families import get_family
+    from prism_megatron.weights.table import hf_reference_shapes
 
     family = get_family("qwen3_vl")
 

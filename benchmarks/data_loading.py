@@ -138,7 +138,7 @@ def main() -> None:
         return child(args)
 
     sys.path.insert(0, str(ROOT))
-    from prism_megatron.models.qwen3_vl.tiny import write_tiny_model
+    from prism_megatron.testing.tiny import write_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     hf_dir = write_tiny_model(work / "model", preset="tiny", log=lambda *a: None)

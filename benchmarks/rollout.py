@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "dist"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build_inputs(processor, count: int):
-    from rollout_common import encoded_prompts, prompt_specs
+    from prism_megatron.testing.prompts import encoded_prompts, prompt_specs
 
     encs = encoded_prompts(processor)
     specs = prompt_specs()
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from prism_megatron.models.qwen3_vl.tiny import write_tiny_model
+    from prism_megatron.testing.tiny import write_tiny_model
     from prism_megatron.rollout import RolloutPrompt
     from prism_megatron.rollout.local import LocalEngine
 

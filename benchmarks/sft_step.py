@@ -52,7 +52,7 @@ def main() -> None:
     from prism_megatron.distributed import init_distributed
     from prism_megatron.models.qwen3_vl.model import build_qwen3vl_model, load_initial_weights
     from prism_megatron.models.qwen3_vl.rope import rope_index_for_sample
-    from prism_megatron.models.qwen3_vl.tiny import write_tiny_model
+    from prism_megatron.testing.tiny import write_tiny_model
     from prism_megatron.stages.sft import sft_forward
     from prism_megatron.trainer import Trainer
 

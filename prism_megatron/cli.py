@@ -38,7 +38,7 @@ COMMANDS: dict[str, Command] = {
                       "stage or of a pipeline YAML"),
     "sft": Command("prism_megatron.stages.sft:cli",
                    "stage 1: supervised fine-tuning of the policy (TP/PP/DP, resumable)"),
-    "warmup": Command("prism_megatron.stages.discriminator_warmup:cli",
+    "warmup": Command("prism_megatron.stages.warmup:cli",
                       "discriminator warm-up: pairwise teacher-vs-student training of the MoE "
                       "discriminator (EP/DP/PP, resumable)"),
     "align": Command("prism_megatron.stages.align:cli",
@@ -55,6 +55,10 @@ COMMANDS: dict[str, Command] = {
     "data": Command("prism_megatron.data.inspect:cli",
                     "data tools: `prism data inspect FILE... [--stage sft|rl|align|warmup]` "
                     "(layout, usable/skipped rows, token lengths)", takes_config=False),
+    "plan": Command("prism_megatron.plan:cli",
+                    "per-GPU memory plan of a stage before launch: `prism plan CONFIG [key=value "
+                    "...] --gpus-per-node N --nodes M --gpu-memory GB` (table + one JSON line; "
+                    "exit 2 when it does not fit)", takes_config=False),
     "demo": Command("prism_megatron.demo:cli",
                     "run the tiny CPU pipeline end to end and print its results "
                     "(`prism demo --help` for its options)",
@@ -71,10 +75,12 @@ SECTIONS = {
     "seed": "global seed (data order, rollouts, initialisation)",
     "train_steps": "optimizer steps; 0 = derived from the data and data.epochs",
     "model": "hf_dir (config.json, tokenizer, processor), megatron_dir (checkpoint to start "
-             "from), spec, dtype, fp8, recompute, freeze_vision",
+             "from), spec, dtype, fp8, recompute (+ recompute_granularity full|selective), "
+             "freeze_vision",
     "parallel": "tp, pp, ep, pp_layers (uneven pipeline split), distributed_optimizer",
     "optimizer": "lr, min_lr, schedule (cosine|constant|linear), warmup, weight_decay, Adam, "
-                 "clip_grad",
+                 "clip_grad, memory levers: cpu_offload, offload_fraction, main_grads_dtype "
+                 "(`prism plan` shows their effect)",
     "data": "train_files, eval_files, max_prompt/response_length, pixels, global/micro batch "
             "size, packing, epochs, max_skip_fraction",
     "rollout": "generation engine (local|sglang), n samples per prompt, temperature, top_p, "

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from prism_megatron.data.template import SYSTEM_PROMPT
+from prism_megatron.rewards.response import SYSTEM_PROMPT
 from prism_megatron.errors import PrismError
 
 
@@ -28,7 +28,10 @@ class ModelConfig:
     spec: str = "local"                # local (pure torch, CPU) | transformer_engine (GPU)
     dtype: str = "fp32"                # fp32 | bf16
     fp8: Optional[str] = None          # None | e4m3 | hybrid (Transformer Engine only)
-    recompute: bool = False            # full activation recompute
+    recompute: bool = False            # activation recompute (granularity below), every stage
+    # full: keep each layer's input, recompute the layer in backward (megatron 'full', uniform,
+    # 1 layer); selective: recompute only the core attention (its [heads, s, s] softmax)
+    recompute_granularity: str = "full"
     freeze_vision: bool = False
 
 
@@ -53,6 +56,13 @@ class OptimizerConfig:
     schedule: str = "cosine"           # cosine | constant | linear
     warmup_ratio: float = 0.1
     warmup_steps: int = 0              # overrides warmup_ratio when > 0
+    # Memory levers (docs/memory.md). cpu_offload: megatron-core's HybridDeviceOptimizer keeps
+    # offload_fraction of the optimizer states (and their update) in host memory; it needs CUDA
+    # and the distributed optimizer. main_grads_dtype bf16: megatron's DDP grad buffer in bf16
+    # (grad_reduce_in_fp32 off): half the gradient memory, reduced in bf16.
+    cpu_offload: bool = False
+    offload_fraction: float = 1.0
+    main_grads_dtype: str = "fp32"     # fp32 | bf16
     # A step with a non-finite loss or grad norm is skipped (weights unchanged); more than this
     # many in a row stop the run (trainer.py).
     max_skipped_steps: int = 3
@@ -70,6 +80,9 @@ class DataConfig:
     packing: bool = False
     global_batch_size: int = 32
     micro_batch_size: int = 1
+    # RL stages: > 0 packs each mini-batch's sequences into micro-batches of one row of this many
+    # tokens (balanced over data-parallel ranks by tokens) instead of micro_batch_size padded rows
+    max_tokens_per_micro_batch: int = 0
     epochs: int = 1
     shuffle: bool = True
     max_skip_fraction: float = 0.01    # fail if more rows than this are unusable
@@ -102,6 +115,9 @@ class RolloutConfig:
     max_retries: int = 3               # per request, exponential backoff from 0.5 s
     restart_on_failure: bool = False   # relaunch a dead managed server instead of failing
     release_memory_between_phases: bool = False   # release/resume_memory_occupation around training
+    weights_cpu_backup: bool = False   # --enable-weights-cpu-backup: released weights survive in host RAM
+    # --enable-deterministic-inference: SGLang honours sampling_seed (own RNG, slower kernels)
+    deterministic: bool = False
     weight_sync: str = "tensor"        # tensor (update_weights_from_tensor) | disk (safetensors dir)
 
 
@@ -153,21 +169,44 @@ class DiscriminatorConfig:
     ep: int = 1
     pp: int = 1
     dispatcher: str = "alltoall"       # MoE token dispatcher: alltoall | allgather
+    moe_grouped_gemm: bool = False     # TE's grouped GEMM for the experts (transformer_engine spec)
     warmup_aux_loss_coef: float = 0.01  # load-balancing coef of the warm-up stage (spec §3.6, §9.5)
     eval_interval: int = 0             # warm-up: held-out pairwise accuracy every N steps (0 = end)
 
 
 @dataclass
+class EvalTaskConfig:
+    """One benchmark under ``eval.harness: lmms-eval`` (prism_megatron/eval/lmms.py, TASKS)."""
+    max_new_tokens: int = 0            # 0: the lmms-eval task's own budget
+    temperature: Optional[float] = None   # None: the task yaml's (e.g. HallusionBench greedy)
+    top_p: Optional[float] = None
+    system_prompt: bool = True         # the response-format prompt as the default system message
+    lmms_tasks: list[str] = field(default_factory=list)   # lmms-eval task names; []: the default
+
+
+@dataclass
 class EvalConfig:
-    """Held-out generation + verifiable scoring (``data.eval_files``) and, in ``prism eval``,
-    the paper's benchmarks (``benchmarks``: name -> local file, see prism_megatron/eval/)."""
+    """Held-out generation + verifiable scoring (``data.eval_files``, ``harness: builtin``) and,
+    in ``prism eval``, the paper's benchmarks with ``harness: lmms-eval`` (``tasks``, through
+    lmms-eval against an OpenAI-compatible server)."""
     max_new_tokens: int = 256
-    limit: int = 0                     # rows per file; 0 = all
+    limit: int = 0                     # rows per file (per lmms-eval task); 0 = all
     temperature: float = 0.0           # 0 = greedy
     top_p: float = 1.0
     n: int = 1                         # samples per prompt (pass@n when > 1)
     batch_size: int = 32
-    benchmarks: dict[str, str] = field(default_factory=dict)   # e.g. {mathvista: testmini.json}
+    interval: int = 0                  # training stages: also every N steps (0: before and after)
+    harness: str = "builtin"           # builtin | lmms-eval
+    tasks: dict[str, EvalTaskConfig] = field(default_factory=dict)   # lmms-eval: name -> settings
+    datasets: dict[str, str] = field(default_factory=dict)   # lmms-eval task -> local copy dir
+    datasets_cache: str = ""           # an HF datasets cache holding the downloads (offline)
+    judge_url: str = ""                # OpenAI-compatible /v1 base of the LLM judge
+    judge_model: str = "default"       # the model name the judge server answers to
+    server_url: str = ""               # attach to a running policy server (/v1 base); "": launch
+    lmms_python: str = ""              # interpreter with lmms-eval installed; "": this one
+    concurrency: int = 16              # requests lmms-eval keeps in flight
+    request_timeout_s: float = 3600.0  # per request (49k-token answers take a while)
+    system_prompt: str = SYSTEM_PROMPT  # the response-format prompt (tasks[*].system_prompt)
 
 
 @dataclass
@@ -214,7 +253,9 @@ CHOICES = {
     "model.spec": ("local", "transformer_engine"),
     "model.dtype": ("fp32", "bf16"),
     "model.fp8": (None, "e4m3", "hybrid"),
+    "model.recompute_granularity": ("full", "selective"),
     "optimizer.schedule": ("cosine", "constant", "linear"),
+    "optimizer.main_grads_dtype": ("fp32", "bf16"),
     "rollout.engine": ("local", "sglang"),
     "algorithm.name": ("grpo", "dapo", "gspo", "prism"),
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -241,10 +282,12 @@ RANGES = (
     ("optimizer.adam_beta1", 0, True, 1, False), ("optimizer.adam_beta2", 0, True, 1, False),
     ("optimizer.adam_eps", 0, True, None, None),   # 0 is legal (and how tests provoke NaNs)
     ("optimizer.clip_grad", 0, True, None, None), ("optimizer.max_skipped_steps", 0, True, None, None),
+    ("optimizer.offload_fraction", 0, True, 1, True),
     ("optimizer.warmup_ratio", 0, True, 1, True), ("optimizer.warmup_steps", 0, True, None, None),
     ("data.max_prompt_length", 1, True, None, None), ("data.max_response_length", 1, True, None, None),
     ("data.min_pixels", 1, True, None, None), ("data.max_pixels", 1, True, None, None),
     ("data.global_batch_size", 1, True, None, None), ("data.micro_batch_size", 1, True, None, None),
+    ("data.max_tokens_per_micro_batch", 0, True, None, None),
     ("data.epochs", 1, True, None, None), ("data.max_skip_fraction", 0, True, 1, True),
     ("data.num_workers", 0, True, None, None), ("data.prefetch_steps", 1, True, None, None),
     ("rollout.n", 1, True, None, None), ("rollout.temperature", 0, True, None, None),
@@ -277,6 +320,7 @@ RANGES = (
     ("eval.max_new_tokens", 1, True, None, None), ("eval.limit", 0, True, None, None),
     ("eval.temperature", 0, True, None, None), ("eval.top_p", 0, False, 1, True),
     ("eval.n", 1, True, None, None), ("eval.batch_size", 1, True, None, None),
+    ("eval.interval", 0, True, None, None),
     ("checkpoint.save_interval", 1, True, None, None), ("checkpoint.keep_last", 0, True, None, None),
     ("logging.log_interval", 1, True, None, None),
 )
@@ -340,8 +384,11 @@ def _get(cfg: Any, dotted: str, default: Any = _MISSING) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                schema: type = PrismConfig) -> PrismConfig:
-    """Defaults <- YAML file <- ``key=value`` overrides, type-checked against ``schema``."""
+                schema: type = PrismConfig, *, label: str = "config",
+                check: Callable[[DictConfig], None] | None = validate) -> Any:
+    """Defaults <- YAML file <- ``key=value`` overrides, type-checked against ``schema`` (the one
+    loader of every structured config: the stages' and the pipeline's). ``check`` validates the
+    merged config before it becomes dataclasses; every problem is one ConfigError line."""
     overrides = list(overrides or [])
     for item in overrides:
         if "=" not in item:
@@ -354,8 +401,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"bad config ({path or 'defaults'}): {_describe(exc)}") from None
-    validate(cfg)
+        raise ConfigError(f"bad {label} ({path or 'defaults'}): {_describe(exc)}") from None
+    if check is not None:
+        check(cfg)
     return OmegaConf.to_object(cfg)
 
 

@@ -9,7 +9,13 @@ Two pipelines from one SFT checkpoint, for several seeds, through ``prism_megatr
 
 and a table of held-out accuracy (greedy, verifiable scorer, ``test.jsonl``) after SFT, after
 SFT->RLVR and after SFT->PRISM->RLVR, mean ± std over the seeds, plus the RLVR curves of both
-pipelines (``<out>/rlvr_comparison.png``).
+pipelines (``<out>/rlvr_comparison.png``). A second table gives, per policy, the ground-truth
+fidelity of the same held-out generations (``eval.fidelity``: perception precision / coverage,
+reasoning precision, answer follows the chain) and the teacher-NLL (``eval.teacher_nll``: mean
+per-token NLL of the held-out prompts' teacher demonstrations, caption and reasoning, and of their
+public demonstrations), mean ± std over the seeds; a third the paired per-seed differences
+(SFT->PRISM->RLVR minus SFT->RLVR, and SFT->PRISM minus SFT). docs/metrics.md defines them all;
+``results.json`` holds every number per seed.
 
 What is shared between seeds, and why (to fit ~15 minutes on 2 CPU cores): the conversion, SFT,
 the warm-up pairs, the upcycling and the discriminator warm-up run ONCE (seed 0, in
@@ -29,6 +35,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +52,7 @@ TABLE = (("base", "base model (random init)"), ("sft", "after SFT"),
 
 
 def make_model(out: Path, preset: str, seed: int) -> Path:
-    from prism_megatron.models.qwen3_vl.tiny import write_tiny_model
+    from prism_megatron.testing.tiny import write_tiny_model
 
     path = out / "model"
     if not (path / "config.json").is_file():
@@ -124,8 +131,30 @@ def run_per_seed(out: Path, model: Path, data: Path, seeds, steps: dict, eval_li
                 future.cancel()
             stop_running()
             raise
-    return {seed: Pipeline(pipeline_config(out, model, data, seed, steps, eval_limit),
-                           log=lambda line: None).run() for seed in seeds}
+    pipes = {seed: Pipeline(pipeline_config(out, model, data, seed, steps, eval_limit),
+                            log=lambda line: None) for seed in seeds}
+    run_teacher_nll(out, model, data, list(pipes.values()), eval_limit)
+    return {seed: pipe.run() for seed, pipe in pipes.items()}
+
+
+def run_teacher_nll(out: Path, model: Path, data: Path, pipes, eval_limit: int) -> None:
+    """Teacher-NLL of every policy not measured yet (shared ones once), in one process: each
+    Megatron checkpoint is exported to HF next to its result (``<stage>/teacher_nll_*``)."""
+    from prism_megatron.pipeline.results import teacher_nll_jobs
+    from prism_megatron.pipeline.runner import run_logged
+
+    jobs = dict((str(o), policy) for pipe in pipes for policy, o in teacher_nll_jobs(pipe))
+    if not jobs:
+        return
+    command = [sys.executable, "-m", "prism_megatron.eval.teacher_nll", "--rows",
+               str(data / "test.jsonl"), "--limit", str(eval_limit), "--hf-config", str(model)]
+    for o, policy in jobs.items():
+        command += ["--policy", policy, "--out", o]
+    log = out / "runs" / "teacher_nll.log"
+    start = time.time()
+    run_logged(command, log, "teacher_nll", show=False)
+    print(f"teacher-NLL of {len(jobs)} policies on {eval_limit} held-out prompts in "
+          f"{time.time() - start:.0f}s (log: {log})", flush=True)
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
@@ -142,6 +171,80 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
                      "std": statistics.pstdev(ok) if len(ok) > 1 else 0.0 if ok else None,
                      "format_rate_mean": statistics.fmean(fok) if fok else None}
     return rows
+
+
+HELDOUT = "test"
+METRICS = ((f"{HELDOUT}/accuracy", "accuracy"),
+           (f"{HELDOUT}/perception_precision", "perception precision"),
+           (f"{HELDOUT}/perception_coverage", "perception coverage"),
+           (f"{HELDOUT}/reasoning_precision", "reasoning precision"),
+           (f"{HELDOUT}/answer_follows", "answer follows chain"),
+           ("nll/teacher/caption", "teacher-NLL caption"),
+           ("nll/teacher/reasoning", "teacher-NLL reasoning"),
+           ("nll/public/all", "public-NLL"))
+PAIRS = (("prism_rlvr", "baseline_rlvr", "SFT -> PRISM -> RLVR minus SFT -> RLVR"),
+         ("align", "sft", "SFT -> PRISM minus SFT"))
+
+
+def _stats(values: list) -> dict:
+    ok = [v for v in values if v is not None]
+    return {"values": values, "mean": statistics.fmean(ok) if ok else None,
+            "std": statistics.pstdev(ok) if len(ok) > 1 else 0.0 if ok else None}
+
+
+def _row(result: dict, key: str) -> dict:
+    return next((r for r in result["rows"] if r["key"] == key), {})
+
+
+def fidelity(per_seed: dict[int, dict]) -> dict:
+    """``{policy: {metric: {values (per seed, in seed order), mean, std}}}``."""
+    return {key: {metric: _stats([_row(r, key).get(metric) for r in per_seed.values()])
+                  for metric, _ in METRICS} for key, _ in TABLE}
+
+
+def paired(per_seed: dict[int, dict]) -> dict:
+    """``{"a - b": {metric: {per_seed: {seed: a - b}, mean, std}}}`` for each pair in PAIRS
+    (a seed where either number is missing is left out of the mean)."""
+    out = {}
+    for a, b, _ in PAIRS:
+        by_metric = {}
+        for metric, _ in METRICS:
+            diffs = {}
+            for seed, r in per_seed.items():
+                x, y = _row(r, a).get(metric), _row(r, b).get(metric)
+                diffs[seed] = None if x is None or y is None else x - y
+            by_metric[metric] = {"per_seed": diffs, **{k: v for k, v in _stats(
+                list(diffs.values())).items() if k != "values"}}
+        out[f"{a} - {b}"] = by_metric
+    return out
+
+
+def _pm(stats: dict) -> str:
+    return "—" if stats["mean"] is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def fidelity_table(fid: dict, seeds: list[int]) -> str:
+    labels = dict(TABLE)
+    lines = [f"| held-out {HELDOUT}.jsonl, mean ± std over {len(seeds)} seeds | "
+             + " | ".join(label for _, label in METRICS) + " |", "|---" * (1 + len(METRICS)) + "|"]
+    for key, metrics in fid.items():
+        lines.append(f"| {labels[key]} | " + " | ".join(_pm(metrics[m]) for m, _ in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(diffs: dict, seeds: list[int]) -> str:
+    heads = [label for _, _, label in PAIRS]
+    lines = [f"| paired difference per seed ({', '.join(map(str, seeds))}) | "
+             + " | ".join(f"{h}: mean ± std | per seed" for h in heads) + " |",
+             "|---" * (1 + 2 * len(PAIRS)) + "|"]
+    for metric, label in METRICS:
+        cells = []
+        for a, b, _ in PAIRS:
+            d = diffs[f"{a} - {b}"][metric]
+            cells += [_pm(d), " / ".join("—" if v is None else f"{v:+.3f}"
+                                         for v in d["per_seed"].values())]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: dict, seeds: list[int]) -> str:
@@ -192,7 +295,9 @@ def run(out: Path, preset: str = "tiny", seeds: tuple[int, ...] = (0, 1, 2),
     print(f"\n== per seed, {jobs} at a time: " + "; ".join(" -> ".join(c) for c in CHAINS))
     per_seed = run_per_seed(out, model, data, seeds, steps, eval_limit, jobs)
     rows = aggregate(per_seed)
-    text = table(rows, list(seeds))
+    fid, diffs = fidelity(per_seed), paired(per_seed)
+    text = (table(rows, list(seeds)) + "\n" + fidelity_table(fid, list(seeds)) + "\n"
+            + paired_table(diffs, list(seeds)))
     first = per_seed[seeds[0]]
     disc = first.get("discriminator_heldout") or {}
     note = (f"\nshared (run once, so no spread): SFT {steps['sft']} steps, discriminator warm-up "
@@ -200,10 +305,15 @@ def run(out: Path, preset: str = "tiny", seeds: tuple[int, ...] = (0, 1, 2),
             f"{disc.get('acc_caption', float('nan')):.2f}, reasoning "
             f"{disc.get('acc_reasoning', float('nan')):.2f}); per seed: alignment "
             f"{steps['align']} steps, RLVR {steps['rlvr']} steps in each pipeline.\n")
+    missing = [label for metric, label in METRICS
+               if all(fid[key][metric]["mean"] is None for key, _ in TABLE)]
+    if missing:
+        note += f"not measured in this run: {', '.join(missing)} (docs/metrics.md)\n"
     note += stage_times(per_seed)
     (out / "results.md").write_text(text + note)
     (out / "results.json").write_text(json.dumps({"steps": steps, "seeds": list(seeds),
-                                                  "rows": rows, "per_seed": per_seed}, indent=1))
+                                                  "rows": rows, "fidelity": fid, "paired": diffs,
+                                                  "per_seed": per_seed}, indent=1))
     plot = plot_rlvr_comparison(
         {"SFT -> RLVR": [out / "runs" / f"seed{s}" / "baseline_rlvr" for s in seeds],
          "SFT -> PRISM -> RLVR": [out / "runs" / f"seed{s}" / "prism_rlvr" for s in seeds]},

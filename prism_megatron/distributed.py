@@ -130,3 +130,19 @@ def distributed(**kwargs):
 
 def is_main_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def shard_map(fn, items: list) -> list:
+    """``fn(items)`` (a list in, a list of the same length out) computed once per item across
+    the world: rank r handles items r, r + W, ...; the results (small, picklable) are
+    all-gathered in order. Work every rank would otherwise repeat, e.g. rule rewards."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(fn(items))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(fn(items[rank::world])) if items[rank::world] else []
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    out = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out

@@ -74,7 +74,7 @@ def check_paths(cfg: PrismConfig, stage: str) -> dict:
 
 def check_weight_files(hf_dir: str | Path) -> None:
     """Every ``*.safetensors`` of ``hf_dir`` has an intact header and its full length."""
-    from prism_megatron.convert.errors import ConversionError
+    from prism_megatron.weights.errors import ConversionError
     from prism_megatron.convert.hf_io import check_safetensors_file
 
     for path in sorted(Path(hf_dir).glob("*.safetensors")):
@@ -87,8 +87,8 @@ def check_weight_files(hf_dir: str | Path) -> None:
 def check_layout(hf: dict, *, tp: int, pp: int, pp_layers=None, source="config.json") -> None:
     """TP against the text and vision attention heads, PP against the decoder layers, from the
     config.json dict (the rules the model build applies, minutes earlier)."""
-    from prism_megatron.convert.errors import ConversionError
-    from prism_megatron.convert.layout import stage_layer_counts
+    from prism_megatron.weights.errors import ConversionError
+    from prism_megatron.weights.layout import stage_layer_counts
 
     text, vision = hf["text_config"], hf["vision_config"]
     heads, groups = text["num_attention_heads"], text["num_key_value_heads"]

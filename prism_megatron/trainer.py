@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -29,11 +29,10 @@ from prism_megatron.checkpoint import (
 from prism_megatron.config import CheckpointConfig, OptimizerConfig, ParallelConfig
 from prism_megatron.errors import PrismError
 from prism_megatron.optim import build_optimizer, wrap_ddp
+from prism_megatron.schedule import ForwardFn, forward_only, run_schedule
 
 log = logging.getLogger("prism.trainer")
 
-# forward(batch, model) -> (output tensor, loss_fn); loss_fn(output) -> (loss_sum, n_tokens, logs)
-ForwardFn = Callable[[dict, torch.nn.Module], tuple]
 
 
 def token_loss_fn(loss_mask: torch.Tensor):
@@ -87,7 +86,7 @@ class Trainer:
         transformer_config.calculate_per_token_loss = True
         transformer_config.finalize_model_grads_func = finalize_model_grads
         self.config = transformer_config
-        self.model = wrap_ddp(model, transformer_config, parallel)
+        self.model = wrap_ddp(model, transformer_config, parallel, optimizer_cfg)  # grad dtype
         self.optimizer, self.scheduler = build_optimizer(
             [self.model], optimizer_cfg, parallel, total_steps, bf16=bf16)
         self.checkpoint = checkpoint
@@ -101,19 +100,6 @@ class Trainer:
         return bool(self.checkpoint.enabled and self.checkpoint.save_dir)
 
     # ---- steps --------------------------------------------------------------------------
-    def _run(self, batches: list[dict], forward: ForwardFn, seq_length: int, forward_only: bool):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        batch_iter = iter(batches)
-
-        def forward_step(data_iterator, model):
-            return forward(next(data_iterator), model)
-
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=batch_iter, model=[self.model],
-            num_microbatches=len(batches), seq_length=seq_length,
-            micro_batch_size=batches[0]["input_ids"].shape[0], forward_only=forward_only)
-
     def train_step(self, batches: list[dict], forward: ForwardFn, seq_length: int) -> dict:
         """One optimizer step over this rank's micro-batches; returns the global mean loss,
         grad norm and learning rate (the same numbers on every rank). A non-finite loss or
@@ -121,7 +107,7 @@ class Trainer:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run(batches, forward, seq_length, forward_only=False)
+        outputs = run_schedule(self.model, batches, forward, seq_length, forward_only=False)
         metrics = reduce_losses(outputs)
         # megatron's fp32 and bf16 optimizers check nothing without a loss scaler: look at the
         # (global, identical on every rank) loss and grad norm before stepping.
@@ -152,10 +138,13 @@ class Trainer:
                        skipped=float(not updated), skipped_steps=float(self.skipped_steps))
         return metrics
 
-    @torch.no_grad()
+    def forward_only(self, batches: list[dict], forward: ForwardFn, seq_length: int) -> list[dict]:
+        """A no-gradient pass over ``batches`` (log-probs, scores); returns the loss_fn logs."""
+        return forward_only(self.model, batches, forward, seq_length)
+
     def eval_step(self, batches: list[dict], forward: ForwardFn, seq_length: int) -> dict:
-        self.model.eval()
-        return reduce_losses(self._run(batches, forward, seq_length, forward_only=True))
+        """A no-gradient pass; the global mean of the loss_fn's ``loss`` logs."""
+        return reduce_losses(self.forward_only(batches, forward, seq_length))
 
     # ---- checkpoints --------------------------------------------------------------------
     def weights_finite(self) -> bool:

@@ -3,7 +3,7 @@
 Fixtures for every test module:
 
 * ``make_tiny_model(preset="tiny", seed=0) -> Path`` - session-scoped factory; builds a tiny Qwen3-VL
-  directory (see prism_megatron.models.qwen3_vl.tiny.PRESETS) once per (preset, seed) per session.
+  directory (see prism_megatron.testing.tiny.PRESETS) once per (preset, seed) per session.
 * ``tiny_model_dir -> Path`` - the default ``tiny`` preset, seed 0.
 * ``make_synthetic_data(seed=0, **sizes) -> Path`` - session-scoped factory for the synthetic dataset
   (sizes: sft_public, sft_teacher, align, rl, test; unspecified ones use SMALL_DATA_SIZES).
@@ -40,7 +40,7 @@ def _quiet(*_args, **_kwargs) -> None:
 @pytest.fixture(scope="session")
 def make_tiny_model(tmp_path_factory):
     """Factory ``make_tiny_model(preset="tiny", seed=0) -> Path`` with a per-session cache."""
-    from prism_megatron.models.qwen3_vl.tiny import write_tiny_model
+    from prism_megatron.testing.tiny import write_tiny_model
 
     cache: dict[tuple[str, int], Path] = {}
 

@@ -16,7 +16,7 @@ WORKER = REPO / "tests" / "dist" / "align_step.py"
 @pytest.fixture(scope="module")
 def align_assets(tiny_model_dir, synthetic_data_dir, tmp_path_factory):
     from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
-    from prism_megatron.models.discriminator.upcycle import upcycle
+    from prism_megatron.convert.upcycle import upcycle
 
     root = tmp_path_factory.mktemp("align")
     convert_hf_to_megatron(tiny_model_dir, root / "policy", fmt="torch_dist", progress=False)
@@ -104,3 +104,70 @@ def test_bad_configs_are_refused_in_one_line(align_assets, capsys, override, mes
     assert main(["align", str(align_assets / "align.yaml"), override]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_shared_teacher_batches_give_the_per_pair_loss_and_gradients(align_assets):
+    """The discriminator update forwards each prompt's teacher segments once for its n students
+    (2 + 2n sequences per prompt, not 4n); on a fixed batch its loss and gradients equal the
+    per-pair formulation's (kept as the oracle: ``plan_pairs`` + ``online_loss_fn``)."""
+    from prism_megatron.config import load_config
+    from prism_megatron.data.encode import load_processor
+    from prism_megatron.data.pairs import PairSample
+    from prism_megatron.data.rl import load_rl_prompts
+    from prism_megatron.data.segments import pair_segments, text_segments
+    from prism_megatron.distributed import destroy_distributed, init_distributed
+    from prism_megatron.models.discriminator.model import build_discriminator, load_discriminator
+    from prism_megatron.rl.discriminator import (
+        online_loss_fn, plan_groups, plan_pairs)
+    from prism_megatron.rl.pair_stats import PairStats
+    from prism_megatron.rl.scoring import discriminator_forward
+
+    cfg = load_config(str(align_assets / "align.yaml"))
+    init_distributed(tp=1, pp=1, seed=0)
+    try:
+        processor = load_processor(cfg.model.hf_dir)
+        tok = processor.tokenizer
+        prompts, _ = load_rl_prompts(cfg.data.train_files, processor, max_prompt_length=512,
+                                     require=("teacher_caption", "teacher_cot"), progress=False)
+        texts = ["<caption>red cells</caption>\n<think>2 red</think>\n<answer>{a}</answer>",
+                 "<think>no caption</think>\n<answer>{a}</answer>",
+                 "<caption>a grid</caption><think>count</think><answer>{a}</answer>",
+                 "<caption>blue</caption>\n<think>3 blue</think>\n<answer>9</answer>"]
+        pairs, group = [], []
+        for g, p in enumerate(prompts[:2]):
+            teacher = pair_segments(p.teacher["teacher_caption"], p.teacher["teacher_cot"], tok,
+                                    p.answer)
+            for j, text in enumerate(texts):
+                pairs.append(PairSample(f"{g}-{j}", p.encoded, teacher,
+                                        text_segments(text.format(a=p.answer), tok)))
+                group.append(g)
+        model, _ = build_discriminator(cfg.discriminator.megatron_dir, cfg.discriminator,
+                                       cfg.model)
+        load_discriminator(model, cfg.discriminator.megatron_dir)
+        model.set_aux_loss(0.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        d = cfg.discriminator
+        pad = tok.pad_token_id
+
+        def loss_and_grads(plan, make_loss):
+            (batch,) = plan.batches
+            loss, weight, _ = make_loss(batch, PairStats(), d.score_reg, d.score_clip)(
+                discriminator_forward(batch, model))
+            return loss, int(weight), torch.autograd.grad(loss, params), batch
+
+        per_pair = loss_and_grads(plan_pairs(pairs, list(range(8)), dp_rank=0, dp_size=1,
+                                             micro=8, pad_id=pad, position_fn=model.position_fn),
+                                  online_loss_fn)
+        shared = loss_and_grads(plan_groups(pairs, group, dp_rank=0, dp_size=1,
+                                            groups_per_micro=2, pad_id=pad,
+                                            position_fn=model.position_fn),
+                                online_loss_fn)
+        assert per_pair[3]["input_ids"].shape[0] == 32 and shared[3]["input_ids"].shape[0] == 20
+        assert sum(s.student.valid for s in pairs) == 6 and per_pair[1] == shared[1] == 8
+        assert shared[0].item() == pytest.approx(per_pair[0].item(), abs=1e-6)
+        diff = max(float((a - b).abs().max()) for a, b in zip(per_pair[2], shared[2]))
+        scale = max(float(a.abs().max()) for a in per_pair[2])
+        # fp32 sums over 32 vs 20 rows in another order: measured 2.5e-6 at a scale of 5.5
+        assert diff < 1e-6 * scale
+    finally:
+        destroy_distributed()

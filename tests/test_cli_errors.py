@@ -15,7 +15,7 @@ import sys
 import pytest
 
 import prism_megatron.stages.align  # noqa: F401 - import noise (megatron notes) before capsys
-import prism_megatron.stages.discriminator_warmup  # noqa: F401
+import prism_megatron.stages.warmup  # noqa: F401
 import prism_megatron.stages.rlvr  # noqa: F401
 import prism_megatron.stages.sft  # noqa: F401
 from dist_utils import REPO, torchrun_command
@@ -194,7 +194,7 @@ def test_truncated_safetensors_names_the_file(capsys, model_copy, tmp_path, data
     assert line.startswith(f"prism sft: error: model.hf_dir: {weights} is truncated: its header "
                            f"describes {size} bytes but the file has {size // 2}")
     # The converter reads weights through the same check (it used to say "this is a bug").
-    from prism_megatron.convert.errors import ConversionError
+    from prism_megatron.weights.errors import ConversionError
     from prism_megatron.convert.hf_io import HFReader
 
     with pytest.raises(ConversionError, match=f"{weights} is truncated"):

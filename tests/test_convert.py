@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from dist_utils import REPO, run_torchrun
 from prism_megatron.convert.cli import run_cli
 from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
-from prism_megatron.convert.layout import padded_vocab_size
+from prism_megatron.weights.layout import padded_vocab_size
 from prism_megatron.convert.megatron_to_hf import convert_megatron_to_hf
-from prism_megatron.convert.rules import Dims, HeadLayout, gated_mlp, qkv, qkv_fused, vocab
+from prism_megatron.weights.rules import Dims, HeadLayout, gated_mlp, qkv, qkv_fused, vocab
 
 PRESETS = ["tiny", "tiny-untied", "tiny-mrope", "tiny-qwenvocab"]
 # (tp, pp, pp_layers): the four required layouts (an uneven split is added per preset).
@@ -154,7 +154,7 @@ def test_vocab_padding_zero_and_stripped():
 def test_fused_paths_equal_primitives(tp):
     """The one-copy ``shards``/``merge_to_hf`` the converters use agree with split(to_megatron)
     and to_hf(merge) for every rule kind, weights and biases."""
-    from prism_megatron.convert.rules import column, replicated, row
+    from prism_megatron.weights.rules import column, replicated, row
 
     dims = Dims({"text": HeadLayout(8, 4, 3), "vision": HeadLayout(4, 4, 2)}, vocab_size=13,
                 padded_vocab_size=16)
@@ -183,8 +183,8 @@ def test_fused_paths_equal_primitives(tp):
 
 
 def test_padded_vocab_size_and_stage_splits():
-    from prism_megatron.convert.errors import ConversionError
-    from prism_megatron.convert.layout import padded_vocab_size, stage_layer_counts
+    from prism_megatron.weights.errors import ConversionError
+    from prism_megatron.weights.layout import padded_vocab_size, stage_layer_counts
 
     assert padded_vocab_size(151936, 1) == 151936 and padded_vocab_size(151936, 2) == 152064
     assert padded_vocab_size(200, 2) == 256
@@ -199,12 +199,34 @@ def test_padded_vocab_size_and_stage_splits():
             stage_layer_counts(**bad)
 
 
+
+def test_vocab_padding_columns_of_a_shard():
+    """The padding columns of a logits shard (weights.layout owns the rule): vocab 200 padded to
+    256 at TP=2 -> rank 0 has none, rank 1 columns 200..255 (its local 72..127)."""
+    from types import SimpleNamespace
+
+    from prism_megatron.weights.layout import stage_layer_counts_of, vocab_padding
+
+    assert vocab_padding(0, 128, 200) is None
+    rank1 = vocab_padding(128, 128, 200)
+    assert rank1.dtype == torch.bool and rank1.nonzero().flatten().tolist() == list(range(72, 128))
+    whole = vocab_padding(0, 256, 200)
+    assert int(whole.sum()) == 56 and bool(whole[200]) and not bool(whole[199])
+    config = SimpleNamespace(num_layers=5, pipeline_model_parallel_size=3,
+                             num_layers_in_first_pipeline_stage=1,
+                             num_layers_in_last_pipeline_stage=None)
+    assert stage_layer_counts_of(config) == [1, 2, 2]
+    config.num_layers, config.pipeline_model_parallel_size = 4, 2
+    config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage = 1, 3
+    assert stage_layer_counts_of(config) == [1, 3]
+    assert stage_layer_counts_of(SimpleNamespace(num_layers=4, pipeline_model_parallel_size=1)) == [4]
+
 def test_mapping_covers_transformers_model(make_tiny_model):
     """Every parameter of transformers' Qwen3VLForConditionalGeneration is mapped exactly once,
     for every preset (tied presets without lm_head)."""
     from prism_megatron.convert.hf_io import load_hf_config
-    from prism_megatron.convert.table import (
-        check_table_covers, expand, get_family, hf_reference_shapes)
+    from prism_megatron.convert.families import get_family
+    from prism_megatron.weights.table import check_table_covers, expand, hf_reference_shapes
 
     for preset in PRESETS:
         config = load_hf_config(make_tiny_model(preset))

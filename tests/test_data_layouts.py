@@ -18,7 +18,7 @@ from prism_megatron.data.rows import (
     apply_system_prompt, open_rows, pair_texts, row_example, row_images, row_sources,
     tagged_teacher)
 from prism_megatron.data.sharegpt import BadRow, DataError, SkipStats
-from prism_megatron.data.template import SYSTEM_PROMPT
+from prism_megatron.rewards.response import SYSTEM_PROMPT
 
 RESPONSE = "<caption>- 2 red cells</caption>\n<think>2 + 1 = 3</think>\n<answer>3</answer>"
 OWN_SYSTEM = "You are a geometry tutor."
@@ -302,7 +302,7 @@ def test_eval_prompts_from_a_geo3k_style_verl_file(tmp_path, processor):
 
 
 def test_pairs_refuse_when_students_are_invalid(tmp_path, processor):
-    from prism_megatron.models.discriminator.pairs import load_pairs
+    from prism_megatron.data.pairs import load_pairs
 
     path, images = write_pairs(tmp_path)
 
@@ -404,7 +404,7 @@ def run_stage(command: str, cfg: dict, tmp_path) -> str:
 @pytest.fixture(scope="module")
 def stage_assets(tiny_model_dir, tmp_path_factory):
     from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
-    from prism_megatron.models.discriminator.upcycle import upcycle
+    from prism_megatron.convert.upcycle import upcycle
 
     root = tmp_path_factory.mktemp("layout-stages")
     convert_hf_to_megatron(tiny_model_dir, root / "policy", fmt="torch_dist", progress=False)

@@ -13,8 +13,8 @@ WORKER = REPO / "tests" / "dist" / "disc_worker.py"
 
 @pytest.fixture(scope="module")
 def dist_assets(tiny_model_dir, synthetic_data_dir, tmp_path_factory):
-    from prism_megatron.models.discriminator.pairs import write_synthetic_pairs
-    from prism_megatron.models.discriminator.upcycle import upcycle
+    from prism_megatron.data.pairs import write_synthetic_pairs
+    from prism_megatron.convert.upcycle import upcycle
 
     root = tmp_path_factory.mktemp("disc-dist")
     pairs = write_synthetic_pairs(synthetic_data_dir, root / "pairs")

@@ -22,8 +22,8 @@ def assets(megatron_1proc, tiny_model_dir, synthetic_data_dir, tmp_path_factory)
     """Two upcycled checkpoints (identity: no noise, uniform router; default: noise 0.01, router
     N(0, 0.02), with an HF export), the processor and a few pairs."""
     from prism_megatron.data.encode import load_processor
-    from prism_megatron.models.discriminator.pairs import load_pairs, write_synthetic_pairs
-    from prism_megatron.models.discriminator.upcycle import upcycle
+    from prism_megatron.data.pairs import load_pairs, write_synthetic_pairs
+    from prism_megatron.convert.upcycle import upcycle
 
     root = tmp_path_factory.mktemp("disc")
     quiet = lambda *a: None  # noqa: E731
@@ -49,7 +49,7 @@ def load(assets, name="noisy", routing="learned"):
 
 
 def batch_of(assets, seqs, model, length=None):
-    from prism_megatron.models.discriminator.batching import collate_sequences
+    from prism_megatron.data.segments import collate_sequences
 
     return collate_sequences(seqs, pad_id=assets["processor"].tokenizer.pad_token_id,
                              position_fn=model.position_fn, length=length)
@@ -63,7 +63,7 @@ def run(model, batch):
 
 
 def sequences(assets, kinds=(CAPTION, REASONING)):
-    from prism_megatron.models.discriminator.segments import pair_sequences
+    from prism_megatron.data.segments import pair_sequences
 
     out = []
     for pair in assets["pairs"]:
@@ -88,7 +88,7 @@ def final_hidden(model, call):
 def test_upcycling_with_zero_noise_and_uniform_router_reproduces_the_dense_model(assets):
     """Every expert = the dense MLP and equal router logits: the top-2 mix of identical experts
     is the dense MLP, so the MoE hidden states equal the dense model's (spec §3.1)."""
-    from prism_megatron.models.discriminator.upcycle import build_dense_from_hf
+    from prism_megatron.convert.upcycle import build_dense_from_hf
 
     _, _, dense = build_dense_from_hf(assets["hf_dir"])
     disc = load(assets, "identity")
@@ -104,7 +104,7 @@ def test_upcycling_with_zero_noise_and_uniform_router_reproduces_the_dense_model
 
 
 def test_noisy_experts_are_independent_and_reproducible(assets):
-    from prism_megatron.models.discriminator.upcycle import build_dense_from_hf
+    from prism_megatron.convert.upcycle import build_dense_from_hf
 
     _, _, dense = build_dense_from_hf(assets["hf_dir"])
     dense_fc1 = dense.state_dict()["language_model.decoder.layers.1.mlp.linear_fc1.weight"]
@@ -162,7 +162,7 @@ def test_segment_routing_restricts_each_pass_to_its_half_of_the_experts(assets, 
 
 @pytest.mark.parametrize("routing", ["learned", "segment"])
 def test_scores_do_not_depend_on_batch_composition_or_padding(assets, routing):
-    from prism_megatron.models.discriminator.batching import read_scores
+    from prism_megatron.rl.scoring import read_scores
 
     disc = load(assets, routing=routing)
     seqs = sequences(assets)
@@ -178,8 +178,8 @@ def test_scores_do_not_depend_on_batch_composition_or_padding(assets, routing):
 
 
 def test_scorer_reads_closing_tags_and_zeroes_invalid_responses(assets):
-    from prism_megatron.models.discriminator.batching import read_scores
-    from prism_megatron.models.discriminator.scoring import Scorer
+    from prism_megatron.rl.scoring import read_scores
+    from prism_megatron.rl.scoring import Scorer
 
     disc = load(assets)
     tok = assets["processor"].tokenizer
@@ -192,7 +192,7 @@ def test_scorer_reads_closing_tags_and_zeroes_invalid_responses(assets):
     assert out.format_valid.tolist() == [True, False, True]
     assert out.caption[1] == 0 and out.reasoning[1] == 0
     assert out.caption[0] != 0 and out.caption[0] == pytest.approx(out.caption[2].item(), abs=1e-6)
-    from prism_megatron.models.discriminator.segments import build_sequence
+    from prism_megatron.data.segments import build_sequence
 
     assert out.segments[0].valid
     seq = build_sequence(pair.prompt, out.segments[0].reasoning, REASONING)

@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
+from prism_megatron.data.rows import tagged_teacher
 from prism_megatron.data.sharegpt import BadRow
 from prism_megatron.models.discriminator.routing import CAPTION
-from prism_megatron.models.discriminator.segments import (
-    CLOSING_TAGS, caption_boundary, ensure_caption_tags, ensure_reasoning_tags, pair_segments,
+from prism_megatron.data.segments import (
+    CLOSING_TAGS, caption_boundary, pair_segments,
     pair_sequences, response_segments)
 
 RESPONSE = "<caption>- A 2x2 grid.\n- 3 red cells</caption>\n<think>3 + 1 = 4.</think>\n<answer>4</answer>"
@@ -35,8 +36,8 @@ def test_scored_token_is_the_closing_tag_and_the_same_for_teacher_and_student(pr
     end in the same token id and start with the same tag tokens, students carry no EOS — so the
     last token (where the score is read) cannot tell teacher from student."""
     from prism_megatron.data.encode import encode_prompt
-    from prism_megatron.data.sharegpt import load_images
-    from prism_megatron.models.discriminator.pairs import prompt_messages
+    from prism_megatron.data.images import load_images
+    from prism_megatron.data.pairs import prompt_messages
 
     tok = processor.tokenizer
     row = json.loads((synthetic_data_dir / "align.jsonl").read_text().splitlines()[0])
@@ -82,18 +83,20 @@ def test_invalid_responses_get_the_fallback_split(processor):
 
 
 def test_teacher_tags_are_added_and_malformed_teachers_rejected():
-    assert ensure_caption_tags(" red grid ") == "<caption>red grid</caption>"
-    assert ensure_caption_tags("<caption>x</caption>") == "<caption>x</caption>"
-    assert ensure_reasoning_tags("2 + 2 = 4", answer="4") == "<think>2 + 2 = 4</think>\n<answer>4</answer>"
-    with pytest.raises(BadRow, match="reasoning_without_tags"):
-        ensure_reasoning_tags("2 + 2 = 4")
-    with pytest.raises(BadRow, match="malformed"):
-        ensure_caption_tags("<caption>unclosed")
+    # pair_segments tags teachers with the one tagging rule, data.rows.tagged_teacher
+    cot = "<think>t</think>\n<answer>4</answer>"
+    assert tagged_teacher(" red grid ", cot, None)[0] == "<caption>red grid</caption>"
+    assert tagged_teacher("<caption>x</caption>", cot, None)[0] == "<caption>x</caption>"
+    assert tagged_teacher("c", "2 + 2 = 4", "4")[1] == "<think>2 + 2 = 4</think>\n<answer>4</answer>"
+    with pytest.raises(BadRow, match="untagged_teacher_without_answer"):
+        tagged_teacher("c", "2 + 2 = 4", None)
+    with pytest.raises(BadRow, match="invalid_teacher"):
+        tagged_teacher("<caption>unclosed", cot, None)
 
 
 def test_synthetic_pairs_share_the_prompt_and_differ_in_style(synthetic_data_dir, tmp_path, tiny_model_dir):
     from prism_megatron.data.encode import load_processor
-    from prism_megatron.models.discriminator.pairs import load_pairs, write_synthetic_pairs
+    from prism_megatron.data.pairs import load_pairs, write_synthetic_pairs
 
     paths = write_synthetic_pairs(synthetic_data_dir, tmp_path, seed=0)
     rows = [json.loads(x) for x in paths["train"].read_text().splitlines()]
@@ -115,8 +118,8 @@ def test_synthetic_pairs_share_the_prompt_and_differ_in_style(synthetic_data_dir
 def test_format_invalid_students_are_out_of_the_pairwise_term():
     """The warm-up loss function: the gradient w.r.t. an invalid student's scores is zero, valid
     pairs still train, and the loss weight is the number of valid pairs."""
-    from prism_megatron.models.discriminator.stats import PairStats
-    from prism_megatron.stages.discriminator_warmup import pair_loss_fn
+    from prism_megatron.rl.pair_stats import PairStats
+    from prism_megatron.rl.discriminator import pair_loss_fn
 
     n, seq = 3, 5
     batch = {"real": torch.ones(n, dtype=torch.bool),
@@ -142,7 +145,7 @@ def test_policy_samples_become_students_of_the_same_prompt(synthetic_data_dir, t
     """The policy-sample builder (any rollout engine; a stub here): one pair row per sample, the
     teacher fields of the prompt's row, the sample split into segments (invalid ones kept)."""
     from prism_megatron.data.encode import load_processor
-    from prism_megatron.models.discriminator.pairs import policy_pair_rows
+    from prism_megatron.pipeline.pairs import policy_pair_rows
     from prism_megatron.rollout import Sample
 
     texts = [RESPONSE, "no tags at all"]

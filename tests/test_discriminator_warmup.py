@@ -13,8 +13,8 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def warmup_assets(tiny_model_dir, synthetic_data_dir, tmp_path_factory):
-    from prism_megatron.models.discriminator.pairs import write_synthetic_pairs
-    from prism_megatron.models.discriminator.upcycle import upcycle
+    from prism_megatron.data.pairs import write_synthetic_pairs
+    from prism_megatron.convert.upcycle import upcycle
 
     root = tmp_path_factory.mktemp("warmup")
     pairs = write_synthetic_pairs(synthetic_data_dir, root / "pairs")
@@ -39,7 +39,7 @@ def test_warmup_learns_to_score_teachers_above_students(warmup_assets, tiny_mode
     (teacher > student, 16 prompts whose images are in no training pair) clearly above chance
     (0.5) for both segments."""
     from prism_megatron.config import load_config
-    from prism_megatron.stages.discriminator_warmup import run
+    from prism_megatron.stages.warmup import run
 
     root, pairs = warmup_assets
     save = routing == "learned"     # checkpoint + resume exercised once

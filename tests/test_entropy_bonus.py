@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prism_megatron.stages import policy_rl as rl
+from prism_megatron.rl import logprobs as rl
+from prism_megatron.rl.batch import place
 
 
 @pytest.fixture()
@@ -28,9 +29,9 @@ def _loss(monkeypatch, logits, coef, vocab_size, agg="token-mean"):
     batch = _batch()
     old = {0: torch.tensor([-1.5, -2.0, -1.0]), 1: torch.tensor([-1.2, -2.2])}
     adv = {0: 1.0, 1: -0.5}
+    batch["old_log_probs"], batch["advantages"] = place(batch, old), place(batch, adv)
     settings = rl.LossSettings(entropy_coef=coef, agg=agg, dual_clip=None)
-    forward = rl.make_loss_forward(settings, vocab_size, old_log_probs=old, advantages=adv,
-                                   stats=rl.StepStats())
+    forward = rl.make_loss_forward(settings, vocab_size, stats=rl.StepStats())
     monkeypatch.setattr(rl, "policy_forward", lambda b, m: logits)   # the "model" is the logits
     _, loss_fn = forward(batch, None)
     loss, count, _ = loss_fn(logits)

@@ -15,7 +15,9 @@ from PIL import Image
 from prism_megatron.data.encode import encode_prompt, load_processor
 from prism_megatron.data.images import (
     SGLANG_IMAGE_FACTOR, ImageError, decode_image, fit_pixels, resolve_image)
-from prism_megatron.data.sharegpt import BadRow, load_images, row_messages
+from prism_megatron.data.images import load_images
+from prism_megatron.data.rows import row_messages
+from prism_megatron.data.sharegpt import BadRow
 
 BUDGET = 768 * 768            # LLaMA-Factory's image_max_pixels, examples/*/sft.yaml
 

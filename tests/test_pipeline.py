@@ -180,3 +180,43 @@ def test_rerun_skips_every_done_stage(pipeline_run):
         assert "NOTE" not in status(lines, stage)          # same commands as when they ran
         assert (work / stage / "stage.log").read_text() == logs[stage]   # nothing launched
     assert (work / "results.md").is_file()
+
+
+def test_benchmarks_after_each_rl_stage_export_evaluate_and_fill_the_results(tmp_path):
+    """``benchmarks: CONFIG``: after align / prism_rlvr / baseline_rlvr the pipeline exports the
+    stage's policy to HF and runs ``prism eval CONFIG`` on it (once); the results table gains a
+    column per benchmark from the eval's ``eval_results.json``."""
+    import json
+    import sys
+
+    from prism_megatron.pipeline import Pipeline, PipelineConfig, PipelineData
+    from prism_megatron.pipeline.results import collect_results, results_markdown
+
+    cfg = PipelineConfig(work_dir=str(tmp_path / "work"), hf_dir=str(tmp_path / "model"),
+                         benchmarks=str(tmp_path / "eval_paper.yaml"),
+                         benchmark_overrides=["eval.judge_url=http://judge/v1"],
+                         data=PipelineData(test_files=[str(tmp_path / "test.jsonl")]))
+    pipe = Pipeline(cfg, log=lambda line: None)
+    export, evaluate = pipe.benchmark_commands("prism_rlvr")
+    out = pipe.dir("prism_rlvr") / "benchmarks"
+    assert export[:5] == [sys.executable, "-m", "prism_megatron.pipeline", "--step", "export"]
+    assert json.loads(export[5]) == {"policy": pipe.ckpt("prism_rlvr"),
+                                     "hf_dir": str(tmp_path / "model"), "out": str(out / "hf")}
+    assert evaluate == [sys.executable, "-m", "prism_megatron.cli", "eval",
+                        str(tmp_path / "eval_paper.yaml"), f"model.hf_dir={out / 'hf'}",
+                        f"logging.run_dir={out}", "eval.judge_url=http://judge/v1"]
+    for stage, scores in (("prism_rlvr", {"mathvista": 60.0, "mmmu": 50.0}),
+                          ("baseline_rlvr", {"mathvista": 55.0})):
+        (pipe.dir(stage) / "benchmarks").mkdir(parents=True)
+        (pipe.dir(stage) / "done.json").write_text(json.dumps({"last": {"step": 3}}))
+        (pipe.dir(stage) / "benchmarks" / "eval_results.json").write_text(json.dumps(
+            {"harness": "lmms-eval", "checkpoints": {"x": {
+                "benchmarks": {k: {"score": v} for k, v in scores.items()},
+                "average": sum(scores.values()) / len(scores)}}}))
+    rows = {r["key"]: r for r in collect_results(pipe)["rows"]}
+    assert rows["prism_rlvr"]["benchmarks"] == {"mathvista": 60.0, "mmmu": 50.0, "average": 55.0}
+    assert rows["sft"]["benchmarks"] == {}
+    text = results_markdown(collect_results(pipe))
+    assert "| policy | mathvista | mmmu | average |" in text
+    assert "| SFT -> PRISM -> RLVR | 60.00 | 50.00 | 55.00 |" in text
+    assert "| SFT -> RLVR | 55.00 | — | 55.00 |" in text

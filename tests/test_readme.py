@@ -53,6 +53,7 @@ def test_pyproject_declares_the_pinned_runtime_requirements():
     assert project["dependencies"] == pins("requirements.txt")
     assert project["optional-dependencies"]["test"] == pins("requirements-test.txt")
     assert project["optional-dependencies"]["gpu"] == pins("requirements-gpu.txt")
+    assert project["optional-dependencies"]["eval"] == pins("requirements-eval.txt")
     assert not any(p.startswith(("pytest", "rich")) for p in project["dependencies"])
 
 

@@ -104,6 +104,42 @@ def test_tp2_and_pp2_recompute_the_same_log_probs_and_update(tmp_path, rl_assets
 
 @pytest.mark.slow  # multi-process (torchrun)
 @pytest.mark.dist
+def test_token_budget_packing_gives_the_padded_losses_and_update_at_dp2_and_pp2(tmp_path,
+                                                                              rl_assets):
+    """``data.max_tokens_per_micro_batch``: the mini-batch packed into one-row micro-batches
+    (balanced over DP ranks by tokens) gives the padded run's old log-probs, loss, grad norm and
+    updated weights, at DP1, DP2 and PP2; GSPO (sequence-level ratio, seq-mean-token-mean) too.
+    (Padding efficiency on long-tailed lengths: benchmarks/rl_step.py.)"""
+    results = {}
+    runs = (("padded", 1, {}, {}, "grpo"), ("packed", 1, {}, {"max_tokens_per_micro_batch": 160},
+                                            "grpo"),
+            ("packed_dp2", 2, {}, {"max_tokens_per_micro_batch": 160}, "grpo"),
+            ("packed_pp2", 2, {"pp": 2}, {"max_tokens_per_micro_batch": 160}, "grpo"),
+            ("gspo_padded", 1, {}, {}, "gspo"),
+            ("gspo_packed", 1, {}, {"max_tokens_per_micro_batch": 160}, "gspo"))
+    for name, nproc, parallel, data, algorithm in runs:
+        config = write_config(tmp_path / name, rl_assets, parallel=parallel, data=data,
+                              rollout={"max_new_tokens": 32}, algorithm={"name": algorithm},
+                              optimizer={"lr": 1e-2, "adam_eps": 1e-3})
+        out = tmp_path / name / "step.pt"
+        run_torchrun(REPO / "tests" / "dist" / "rlvr_step.py", nproc, config, out, timeout=600)
+        results[name] = torch.load(out)
+    for ref, names in (("padded", ("packed", "packed_dp2", "packed_pp2")),
+                       ("gspo_padded", ("gspo_packed",))):
+        a = results[ref]
+        for name in names:
+            b = results[name]
+            for x, y in zip(a["old"], b["old"]):
+                assert torch.allclose(x, y, atol=1e-5, rtol=0), name
+            for key in ("loss", "grad_norm", "clip_frac", "entropy", "logprob_diff_mean"):
+                assert b["metrics"][key] == pytest.approx(a["metrics"][key], abs=1e-5), (name, key)
+            for key, value in a["weights"].items():
+                assert torch.allclose(value, b["weights"][key], atol=1e-5, rtol=0), (name, key)
+            assert 0 < b["metrics"]["perf/padding_efficiency"] <= 1
+
+
+@pytest.mark.slow  # multi-process (torchrun)
+@pytest.mark.dist
 def test_killed_run_resumes_at_the_same_step_with_the_same_data(tmp_path, rl_assets):
     steps = {"train_steps": 4}
     full = write_config(tmp_path / "full", rl_assets, **steps)
@@ -153,13 +189,15 @@ class ScriptedWorker:
         self.scripts, self.calls = iter(scripts), []
 
     def generate(self, prompts, step, round_):
+        from prism_megatron.rl.batch import RolloutBatch
         from prism_megatron.rollout.base import Sample
 
         self.calls.append((step, round_, [p.id for p in prompts]))
         answers = next(self.scripts)
-        return [Sample(list(range(len(a))), [0.0] * len(a),
-                       f"<caption>c</caption><think>t</think><answer>{a}</answer>", "stop")
-                for group in answers for a in group]
+        return RolloutBatch.from_groups(prompts, [[Sample(
+            list(range(len(a))), [0.0] * len(a),
+            f"<caption>c</caption><think>t</think><answer>{a}</answer>", "stop")
+            for a in group] for group in answers])
 
 
 def dapo_config(**algorithm):
@@ -187,16 +225,16 @@ def test_dapo_dynamic_sampling_keeps_informative_groups_across_rounds():
                              dapo_config(), step=5)
     assert [c[:2] for c in worker.calls] == [(5, 0), (5, 1)]
     assert [p.id for p in batch.prompts] == ["p1", "p3"]
-    assert batch.group == [0, 0, 1, 1] and batch.accuracy == [1.0, 0.0, 0.0, 1.0]
+    assert batch.group == [0, 0, 1, 1] and batch.accuracy.tolist() == [1.0, 0.0, 0.0, 1.0]
     # 0.8 * acc + 0.2 * format, then the overlong term: lengths 1 (no penalty) and 8 tokens
     # (= max_new_tokens, buffer 4 -> -1.0).
-    assert batch.rewards == pytest.approx([1.0, 0.2, 0.2, 1.0])
+    assert batch.rewards.tolist() == pytest.approx([1.0, 0.2, 0.2, 1.0])
     assert metrics["gen_rounds"] == 2 and metrics["groups_kept"] == pytest.approx(2 / 6)
 
     long = ScriptedWorker([[["7" * 8, "7"], ["1", "2"], ["3", "4"]]])
     batch, _ = collect(long, dataset, ResumableSampler(6, seed=0, shuffle=False),
                        dapo_config(prompts_per_step=1), step=1)
-    assert batch.rewards == pytest.approx([0.2 - 1.0, 1.0])   # "77777777": wrong, 8 tokens
+    assert batch.rewards.tolist() == pytest.approx([0.2 - 1.0, 1.0])   # "77777777": wrong, 8 tokens
 
 
 def test_dapo_gives_up_after_max_generation_rounds_with_a_clear_error():
@@ -276,3 +314,54 @@ def test_entropy_bonus_is_the_same_at_tp2(tmp_path, rl_assets):
     for key, value in ref["weights"].items():
         assert torch.allclose(value, tp2["weights"][key], atol=1e-5, rtol=0), key
     assert any(not torch.equal(value, plain["weights"][key]) for key, value in ref["weights"].items())
+
+
+@pytest.mark.dist
+def test_rule_rewards_are_computed_once_per_sample_across_ranks(tmp_path):
+    """Two ranks: each scores its share (shard_map) and both get every score, in order."""
+    import json
+
+    run_torchrun(REPO / "tests" / "dist" / "shard_map_worker.py", 2, tmp_path / "out",
+                 timeout=300)
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in range(2)]
+    calls = ranks[0]["calls"] + ranks[1]["calls"]
+    assert len(calls) == 7 and len(set(calls)) == 7          # every response scored exactly once
+    assert len(ranks[0]["calls"]) == 4 and len(ranks[1]["calls"]) == 3
+    for r in ranks:
+        assert r["accuracy"] == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]   # answer "3" is sample 3
+
+
+@pytest.mark.slow  # a CPU server process + 2 RL steps
+def test_rl_steps_release_and_resume_the_engine_memory_around_training(tmp_path, rl_assets,
+                                                                      monkeypatch):
+    """``rollout.release_memory_between_phases`` with the CPU server (which zeroes released
+    weights and refuses to generate while released, as SGLang's memory saver): every step frees
+    the engine before training, then resumes weights -> syncs -> resumes KV before generating,
+    so the engine's log-probs still equal the trainer's after each sync."""
+    from prism_megatron.config import load_config
+    from prism_megatron.metrics import read_history
+    from prism_megatron.rollout import weight_sync
+    from prism_megatron.rollout.sglang import SGLangEngine
+    from prism_megatron.stages import rlvr
+
+    calls = []
+    for name in ("release_memory", "resume_memory"):
+        real = getattr(SGLangEngine, name)
+        monkeypatch.setattr(SGLangEngine, name, lambda self, tags=None, _real=real, _name=name: (
+            calls.append((_name, tuple(tags or ()))), _real(self, tags))[1])
+    real_sync = weight_sync.sync_weights
+    monkeypatch.setattr(weight_sync, "sync_weights",
+                        lambda *a, **k: (calls.append(("sync",)), real_sync(*a, **k))[1])
+    cfg = load_config(write_config(tmp_path, rl_assets, train_steps=2, rollout={
+        "engine": "sglang", "server": "prism", "release_memory_between_phases": True,
+        "weight_sync": "tensor", "max_new_tokens": 16}))
+    rlvr.run(cfg)
+    step = [("release_memory", ("weights", "kv_cache")), ("resume_memory", ("weights",)),
+            ("sync",), ("resume_memory", ("kv_cache",))]
+    # the first sync (at start) resumes nothing that was released; then every step the same
+    assert calls == [("resume_memory", ("weights",)), ("sync",),
+                     ("resume_memory", ("kv_cache",))] + step * 2
+    history = [r for r in read_history(tmp_path / "run") if r["step"] >= 1]
+    assert [r["step"] for r in history] == [1, 2]
+    for row in history:
+        assert row["logprob_diff_max"] < 1e-4     # generated by the synced, resumed weights

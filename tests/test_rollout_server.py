@@ -80,6 +80,10 @@ def _post(url: str, body: bytes | None, method: str = "POST"):
         return e.code, e.read().decode()
 
 
+def _info(url: str) -> dict:
+    return json.loads(_post(url + "/server_info", None, "GET")[1])
+
+
 def _tokens(result):
     return [[s.token_ids for s in samples] for samples in result]
 
@@ -152,8 +156,12 @@ def test_other_bad_requests_and_the_server_keeps_serving(server, prompts, models
     encs, _ = prompts
     with pytest.raises(RolloutRequestError, match="image"):
         server.generate([RolloutPrompt(encs[0][0].input_ids.tolist())], PARAMS)
-    with pytest.raises(WeightUpdateError, match="unknown tensor name"):
-        server.update_weights([("model.no_such.weight", torch.zeros(2))])
+    # unknown names are skipped with a warning, as SGLang's loaders skip them
+    assert server.update_weights([("model.no_such.weight", torch.zeros(2))]) == 1
+    assert "skipping 1 unknown tensor name(s): model.no_such.weight" in \
+        server.servers[0].log_path.read_text()
+    with pytest.raises(WeightUpdateError, match="shape"):   # a known name of the wrong shape
+        server.update_weights([("lm_head.weight", torch.zeros(2))])
     assert server.health()["ok"]
     assert _post(url + "/health_generate", None, "GET")[0] == 200
     info = json.loads(_post(url + "/get_model_info", None, "GET")[1])
@@ -192,9 +200,12 @@ def test_data_parallel_urls_share_updates(server, models, prompts, local_a):
     url = server.servers[0].url
     attached = SGLangEngine(urls=[url, url + "/"], image_token_id=server.image_token_id)
     assert attached.wire_format == "prism" and len(attached.servers) == 2
-    attached.release_between_phases = True     # the CPU server accepts and ignores these
-    attached.release_memory()
-    attached.resume_memory()
+    # without --enable-memory-saver a release only flushes (SGLang's no-op adapter)
+    single = SGLangEngine(urls=[url], release_memory_between_phases=True)
+    single.release_memory()
+    assert _info(url)["memory_released"] == ["kv_cache", "weights"]
+    single.resume_memory()
+    assert _info(url)["memory_released"] == []
     attached.flush_cache()
     attached.update_weights_from_disk(models[0])
     _, rollout_prompts = prompts
@@ -416,7 +427,7 @@ def test_sigterm_ends_a_decoding_batch(models, tmp_path):
     (the decode stops at its next step instead of running to max_new_tokens)."""
     import subprocess
 
-    from prism_megatron.rollout.sglang import _free_port
+    from prism_megatron.distributed import free_port as _free_port
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -458,6 +469,7 @@ def test_launch_commands_carry_the_pixel_budget(models):
     engine = SGLangEngine.__new__(SGLangEngine)
     engine.model_path, engine.tp, engine.mem_fraction = str(models[0]), 2, 0.5
     engine.release_between_phases, engine.env, engine.request_timeout_s = False, None, 300.0
+    engine.deterministic = engine.weights_cpu_backup = False
     engine.min_pixels, engine.max_pixels = None, 589824
     cmd = engine._default_command("sglang", ["--x"])(1, 30001)
     i = cmd.index("--mm-process-config")
@@ -473,3 +485,172 @@ def test_launch_commands_carry_the_pixel_budget(models):
     assert cmd[cmd.index("--request-timeout-s") + 1] == "300"
     engine.min_pixels = engine.max_pixels = None
     assert "--mm-process-config" not in engine._default_command("sglang", [])(0, 30003)
+    assert "--enable-deterministic-inference" not in engine._default_command("sglang", [])(0, 1)
+    engine.deterministic = engine.release_between_phases = engine.weights_cpu_backup = True
+    cmd = engine._default_command("sglang", [])(0, 30004)
+    assert {"--enable-deterministic-inference", "--enable-memory-saver",
+            "--enable-weights-cpu-backup"} <= set(cmd)
+
+
+# ---------------------------------------------------------------- what real SGLang 0.5.23 does
+
+from prism_megatron.rollout import phase_generate, phase_train  # noqa: E402
+from prism_megatron.rollout.images import image_to_data_url  # noqa: E402
+from prism_megatron.rollout.serve import NO_SESSION, NOT_IDLE, SESSION_CLOSED, SESSION_OPEN  # noqa: E402
+
+
+def _bucket_body(models) -> bytes:
+    from safetensors.torch import load_file
+
+    from prism_megatron.rollout.sglang import _safetensors_b64
+
+    name, t = next(iter(load_file(str(models[0] / "model.safetensors")).items()))
+    return json.dumps({"serialized_named_tensors": [_safetensors_b64([(name, t)])],
+                       "load_format": "prism_safetensors"}).encode()
+
+
+def test_weight_update_sessions_as_sglang(server, models):
+    """Tensor updates only inside /begin_weight_update .. /end_weight_update, SGLang's texts."""
+    url = server.servers[0].url
+    code, text = _post(url + "/update_weights_from_tensor", _bucket_body(models))
+    assert code == 400 and json.loads(text) == {"success": False, "message": NO_SESSION}
+    code, text = _post(url + "/end_weight_update", b"{}")
+    assert code == 400 and json.loads(text)["message"] == SESSION_CLOSED
+    assert _post(url + "/begin_weight_update", b"{}")[0] == 200
+    code, text = _post(url + "/begin_weight_update", b"{}")
+    assert code == 400 and json.loads(text)["message"] == SESSION_OPEN
+    assert _post(url + "/update_weights_from_tensor", _bucket_body(models))[0] == 200
+    assert _info(url)["weight_update_session"] is True
+    # a session left open (an interrupted sync): the client's next update closes it, opens its
+    # own and ends it
+    name, t = next(iter(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(models[0] / "model.safetensors")).items()))
+    assert server.update_weights([(name, t)]) == 1
+    assert _info(url)["weight_update_session"] is False
+    # an older server without the routes (404) is updated without sessions
+    s = server.servers[0]
+    s.sessions = False
+    try:
+        with pytest.raises(WeightUpdateError, match="must run between begin_weight_update"):
+            server.update_weights([(name, t)])
+    finally:
+        s.sessions = True
+
+
+def test_one_pad_per_image_and_server_info(server, prompts):
+    encs, rollout_prompts = prompts
+    url = server.servers[0].url
+    enc, imgs = next((e, i) for e, i in encs if i)
+    body = {"input_ids": enc.input_ids.tolist(), "image_data": [image_to_data_url(x) for x in imgs],
+            "sampling_params": {"max_new_tokens": 2}}
+    code, text = _post(url + "/generate", json.dumps(body).encode())   # an expanded run
+    assert code == 500 and json.loads(text)["message"] == (
+        f"internal error: IndexError: index {len(imgs)} is out of bounds for dimension 0 with "
+        f"size {len(imgs)}")
+    # attached without a model path: tp_size, version and the image token from /server_info
+    attached = SGLangEngine(urls=[url])
+    assert attached.tp == 1 and attached.image_token_id == server.image_token_id
+    assert attached.server_versions == {url: "prism-rollout/1"}
+    assert attached.generate(rollout_prompts[:1], PARAMS)[0][0].prompt_tokens == \
+        len(encs[0][0].input_ids)
+    # nothing names the image token: refused before sending
+    blind = SGLangEngine(urls=["http://127.0.0.1:9"], wire_format="sglang")
+    assert blind.image_token_id is None
+    with pytest.raises(RolloutError, match="without the model's image token id"):
+        blind._generate_one(blind.servers[0], RolloutPrompt([1, 2], [imgs[0]]), [{}])
+
+
+def test_flush_and_release_refused_while_a_request_runs(server):
+    """SGLang flushes only when idle (400 "Flush cache failed."); the client retries until the
+    request is done, or gives up after flush_timeout_s with a clear error."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = server.servers[0].url
+    body = json.dumps({"input_ids": [1, 2, 3], "sampling_params": {
+        "max_new_tokens": CONTEXT - 3, "ignore_eos": True, "temperature": 0}}).encode()
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port))
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        for _ in range(600):
+            if _info(url)["in_flight_requests"]:
+                break
+            time.sleep(0.05)
+        assert _post(url + "/flush_cache", b"{}") == (400, "Flush cache failed.\n")
+        code, text = _post(url + "/release_memory_occupation", b"{}")
+        assert code == 400 and json.loads(text) == {"error": {"message": NOT_IDLE}}
+        impatient = SGLangEngine(urls=[url], flush_timeout_s=0.3)
+        with pytest.raises(RolloutServerError, match="still refuses /flush_cache"):
+            impatient.flush_cache()
+        threading.Timer(0.5, sock.close).start()   # the client leaves: the request is cancelled
+        server.flush_cache()                        # retried until the server is idle
+        assert _info(url)["in_flight_requests"] == 0
+    finally:
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def saver(models, tmp_path_factory):
+    engine = SGLangEngine(model_path=models[0], server="prism", release_memory_between_phases=True,
+                          max_retries=0, extra_server_args=["--num-threads", "1"],
+                          log_dir=tmp_path_factory.mktemp("saver-logs"))
+    yield engine
+    engine.shutdown()
+
+
+def test_memory_phases_release_resume_order(saver, models, prompts, hf_b):
+    """Released weights are garbage until a sync; phase_generate resumes the weights, syncs,
+    then resumes the KV cache; the server refuses generation and updates while released."""
+    import math
+
+    encs, rollout_prompts = prompts
+    url = saver.servers[0].url
+    assert "--enable-memory-saver" in saver.servers[0].command
+    phase_train(saver)
+    assert _info(url)["memory_released"] == ["kv_cache", "weights"]
+    with pytest.raises(RolloutRequestError, match="weights memory is released"):
+        saver.generate(rollout_prompts[:1], PARAMS)
+    with pytest.raises(WeightUpdateError, match="the weights are released"):
+        saver.update_weights_from_disk(models[1])
+    saver.resume_memory(["weights"])
+    with pytest.raises(RolloutRequestError, match="kv_cache memory is released"):
+        saver.generate(rollout_prompts[:1], PARAMS)
+    # the naive order: resume everything without a sync -> garbage (zeroed) weights
+    saver.resume_memory()
+    assert _info(url)["weights_garbage"] is True
+    out = saver.generate(rollout_prompts[:1], PARAMS)[0][0]
+    vocab = hf_b.config.text_config.vocab_size
+    assert out.logprobs == pytest.approx([-math.log(vocab)] * len(out), abs=1e-4)
+    # the pipeline's order
+    phase_train(saver)
+    seen = []
+
+    def sync():
+        seen.append(_info(url)["memory_released"])
+        saver.update_weights_from_disk(models[1])
+        return "synced"
+
+    assert phase_generate(saver, sync) == "synced"
+    assert seen == [["kv_cache"]] and _info(url)["memory_released"] == []
+    assert _info(url)["weights_garbage"] is False
+    assert _max_logprob_gap(saver, encs, rollout_prompts, hf_b) < 1e-5
+    # resuming what is not released is SGLang's KeyError; the client only resumes what it released
+    code, text = _post(url + "/resume_memory_occupation", json.dumps({"tags": ["weights"]}).encode())
+    assert code == 400 and json.loads(text) == {"error": {"message": "'weights'"}}
+    phase_generate(saver, lambda: None)
+
+
+def test_weights_cpu_backup_survives_release(models, prompts, local_a, tmp_path):
+    _, rollout_prompts = prompts
+    with SGLangEngine(model_path=models[0], server="prism", release_memory_between_phases=True,
+                      weights_cpu_backup=True, extra_server_args=["--num-threads", "1"],
+                      log_dir=tmp_path) as backed:
+        assert "--enable-weights-cpu-backup" in backed.servers[0].command
+        phase_train(backed)
+        phase_generate(backed, lambda: None)      # no sync: the backup comes back
+        assert _info(backed.servers[0].url)["weights_garbage"] is False
+        assert _tokens(backed.generate(rollout_prompts, PARAMS)) == \
+            _tokens(local_a.generate(rollout_prompts, PARAMS))

@@ -12,7 +12,9 @@ from prism_megatron.data.collate import (collate, collate_packed, collate_padded
 from prism_megatron.data.encode import IGNORE_INDEX, Encoded, encode_conversation, load_processor
 from prism_megatron.data.sampler import ResumableSampler
 from prism_megatron.data.sft import load_sft_samples
-from prism_megatron.data.sharegpt import BadRow, count_placeholders, load_images, row_messages
+from prism_megatron.data.images import load_images
+from prism_megatron.data.rows import row_messages
+from prism_megatron.data.sharegpt import BadRow, count_placeholders
 
 RESPONSE = "<caption>- 2 red cells</caption>\n<think>2 + 1 = 3</think>\n<answer>3</answer>"
 

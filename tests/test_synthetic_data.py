@@ -18,8 +18,7 @@ import pytest
 from PIL import Image
 
 from prism_megatron.data import synthetic
-from prism_megatron.data.template import SYSTEM_PROMPT
-from prism_megatron.rewards.response import FORMAT_PATTERN
+from prism_megatron.rewards.response import FORMAT_PATTERN, SYSTEM_PROMPT
 
 # The format regex exactly as the brief / spec §2.2 states it.
 SPEC_FORMAT = re.compile(r"^\s*<caption>.*?</caption>\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
 
 from prism_megatron.data import synthetic
-from prism_megatron.data.template import FORMAT_TAGS, SYSTEM_PROMPT
-from prism_megatron.models.qwen3_vl.tiny import PRESETS, write_tiny_model
+from prism_megatron.rewards.response import FORMAT_TAGS, SYSTEM_PROMPT
+from prism_megatron.testing.tiny import PRESETS, write_tiny_model
 
 EXPECTED = {
     "tiny": dict(tied=True, layers=4, heads=4, kv=2, head_dim=128, mrope=[24, 20, 20], deepstack=[0, 1]),

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 os.environ.setdefault("HF_HUB_OFFLINE", "1")                    # everything here is built locally
 
-from prism_megatron.models.qwen3_vl.tiny import DEFAULT_PRESET, PRESETS, write_tiny_model  # noqa: E402
+from prism_megatron.testing.tiny import DEFAULT_PRESET, PRESETS, write_tiny_model  # noqa: E402
 from prism_megatron.errors import run_cli  # noqa: E402
 
 

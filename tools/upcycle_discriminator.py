@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism_megatron.convert.cli import add_common_args, run_cli  # noqa: E402
-from prism_megatron.convert.errors import ConversionError  # noqa: E402
+from prism_megatron.weights.errors import ConversionError  # noqa: E402
 
 
 def parse(argv):
@@ -45,7 +45,7 @@ def parse(argv):
 
 def main(argv):
     args = parse(argv)
-    from prism_megatron.models.discriminator.upcycle import upcycle
+    from prism_megatron.convert.upcycle import upcycle
 
     try:
         info = upcycle(args.hf_dir, args.out, num_experts=args.num_experts, top_k=args.top_k,

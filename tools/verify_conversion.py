@@ -39,7 +39,7 @@ def main(argv):
     args = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != args.tp * args.pp:
-        from prism_megatron.convert.errors import ConversionError
+        from prism_megatron.weights.errors import ConversionError
 
         raise ConversionError(f"run under torchrun with --nproc_per_node {args.tp * args.pp} "
                               f"(tp*pp); this world has {world} process(es)")

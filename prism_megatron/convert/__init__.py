@@ -1,21 +1,22 @@
-"""HF <-> Megatron checkpoint conversion (CLIs: tools/convert_*.py, tools/verify_conversion.py).
+"""HF <-> Megatron checkpoint conversion (CLIs: tools/convert_*.py, tools/verify_conversion.py,
+tools/upcycle_discriminator.py).
 
-Layout of the package:
-    rules.py        typed rules (replicated, column, row, qkv, gated_mlp, vocab): HF <-> Megatron
-                    tensors and TP split/merge, each implemented once
-    table.py        mapping tables: placeholder expansion, name lookup (aliases, stacked dist
-                    keys), the model_type -> family registry
-    layout.py       pipeline stages (uneven splits), local/global layer names, vocab padding
+Sits above ``prism_megatron.models`` (it builds models as torch_dist templates and for
+verification); the vocabulary it works in — rules, tables, TP/PP layout, the checkpoint directory
+conventions, loading a checkpoint into a built model — is ``prism_megatron.weights``, below models.
+
+    families.py     the model_type -> family registry (each family's table beside its model)
     hf_io.py        streaming safetensors reader and writer
-    legacy.py       megatron per-rank files (mp_rank_TT[_PPP]/model_optim_rng.pt)
     torch_dist.py   megatron-core dist_checkpointing (written through megatron's own model)
     hf_to_megatron.py / megatron_to_hf.py   the two conversions
-    load.py         load a converted checkpoint into a built model
+    fsutil.py       atomic output directories
     verify.py       logits parity against transformers
+    upcycle.py      dense Qwen3-VL -> MoE discriminator checkpoint (spec §3.1)
+    discriminator_export.py   the discriminator as HF-style safetensors (Qwen3-VL-MoE + v_head)
 A model family contributes one table: prism_megatron/models/<family>/mapping.py.
 """
 
-from prism_megatron.convert.errors import ConversionError
+from prism_megatron.weights.errors import ConversionError
 
 __all__ = ["ConversionError", "convert_hf_to_megatron", "convert_megatron_to_hf"]
 

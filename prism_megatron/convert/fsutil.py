@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from prism_megatron.convert.errors import ConversionError
+from prism_megatron.weights.errors import ConversionError
 
 
 def check_output(out: str | Path, force: bool) -> Path:

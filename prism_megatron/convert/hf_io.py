@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from prism_megatron.convert.errors import ConversionError
+from prism_megatron.weights.errors import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -62,7 +62,7 @@ def load_hf_config(config_dir: str | Path):
     family gets our message rather than transformers')."""
     from transformers import AutoConfig
 
-    from prism_megatron.convert.table import get_family
+    from prism_megatron.convert.families import get_family
 
     get_family(read_config_dict(config_dir).get("model_type"))
     return AutoConfig.from_pretrained(str(config_dir))

@@ -10,17 +10,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from prism_megatron.convert import ckpt_layout as lay
-from prism_megatron.convert.errors import ConversionError, name_list
+from prism_megatron.weights import ckpt_layout as lay
+from prism_megatron.weights.errors import ConversionError, name_list
 from prism_megatron.convert.fsutil import atomic_output_dir, check_output
 from prism_megatron.convert.hf_io import HFReader, load_hf_config
-from prism_megatron.convert.layout import (
+from prism_megatron.weights.layout import (
     PipelineLayout, check_tensor_parallel, make_layout, padded_vocab_size)
-from prism_megatron.convert.legacy import write_rank_file
-from prism_megatron.convert.rules import Dims
-from prism_megatron.convert.table import (
-    Entry, Family, ModelInfo, check_table_covers, expand, expected_hf_names, get_family,
-    hf_reference_shapes)
+from prism_megatron.weights.legacy import write_rank_file
+from prism_megatron.weights.rules import Dims
+from prism_megatron.convert.families import get_family
+from prism_megatron.weights.table import (
+    Entry, Family, ModelInfo, check_table_covers, expand, expected_hf_names, hf_reference_shapes)
 
 FORMATS = ("legacy", "torch_dist")
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from prism_megatron.convert import ckpt_layout as lay
-from prism_megatron.convert.errors import ConversionError, name_list
+from prism_megatron.weights import ckpt_layout as lay
+from prism_megatron.weights.errors import ConversionError, name_list
 from prism_megatron.convert.fsutil import atomic_output_dir, check_output
 from prism_megatron.convert.hf_io import HFShardWriter, copy_side_files, load_hf_config, parse_size
-from prism_megatron.convert.table import (
-    NameIndex, expand, get_family, hf_reference_shapes, check_table_covers)
+from prism_megatron.convert.families import get_family
+from prism_megatron.weights.table import NameIndex, check_table_covers, expand, hf_reference_shapes
 
 
 def open_megatron_checkpoint(megatron_dir: str | Path, hf_config_dir: str | Path | None = None):
@@ -28,7 +28,7 @@ def open_megatron_checkpoint(megatron_dir: str | Path, hf_config_dir: str | Path
     entries = expand(family.rules, info)
     index = NameIndex(family.rules)
     if lay.detect_format(ckpt) == "legacy":
-        from prism_megatron.convert.legacy import LegacyReader
+        from prism_megatron.weights.legacy import LegacyReader
 
         reader = LegacyReader(ckpt, index, info.pipelined_index)
     else:

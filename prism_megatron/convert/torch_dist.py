@@ -21,10 +21,10 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from prism_megatron.convert.errors import ConversionError, name_list
-from prism_megatron.convert.legacy import CHECKPOINT_VERSION, is_extra_state
-from prism_megatron.convert.rules import Dims
-from prism_megatron.convert.table import ModelInfo, NameIndex, fill, placeholder_of
+from prism_megatron.weights.errors import ConversionError, name_list
+from prism_megatron.weights.legacy import CHECKPOINT_VERSION, is_extra_state
+from prism_megatron.weights.rules import Dims
+from prism_megatron.weights.table import ModelInfo, NameIndex, fill, placeholder_of
 
 SAVE_STRATEGY = ("torch_dist", 1)  # the bare string trips an assertion in megatron-core 0.16
 _IGNORED_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine")
@@ -77,7 +77,7 @@ def model_targets(model, index: NameIndex, pipelined: str, layer_offset: int = 0
 @torch.no_grad()
 def fill_model_from_hf(model, src, dims: Dims, progress: bool = True) -> None:
     """Copy every HF tensor (through the mapping) into a TP=1/PP=1 Megatron model."""
-    from prism_megatron.convert.table import NameIndex
+    from prism_megatron.weights.table import NameIndex
 
     targets = model_targets(model, NameIndex(src.family.rules), src.info.pipelined_index)
     tied = src.info.tie_word_embeddings

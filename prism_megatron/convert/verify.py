@@ -14,8 +14,9 @@ from types import SimpleNamespace
 
 import torch
 
-from prism_megatron.convert import ckpt_layout as lay
-from prism_megatron.convert.errors import ConversionError
+from prism_megatron.schedule import forward_only
+from prism_megatron.weights import ckpt_layout as lay
+from prism_megatron.weights.errors import ConversionError
 
 # (name, image sizes (width, height)): no image, one image, two images of different sizes.
 CASES = [("text", []), ("one_image", [(64, 64)]), ("two_images", [(64, 64), (96, 64)])]
@@ -90,16 +91,13 @@ def build_megatron(hf_dir: str | Path, pp_layers: list[int] | None = None):
     return model.eval(), config
 
 
-@torch.no_grad()
 def megatron_logits(model, config, batch: dict) -> torch.Tensor | None:
     """Logits ``[B, S, V]`` on global rank 0 (None elsewhere), via the pipeline schedule."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     captured = {}
 
-    def forward_step(data_iterator, model):
-        inputs = next(data_iterator)
+    def forward_step(inputs, model):
         output = model(**{k: v for k, v in inputs.items() if k in MEGATRON_INPUTS})
 
         def collect(logits):
@@ -109,10 +107,7 @@ def megatron_logits(model, config, batch: dict) -> torch.Tensor | None:
         return output, collect
 
     input_ids = batch["input_ids"]
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
-        num_microbatches=1, seq_length=input_ids.shape[1], micro_batch_size=input_ids.shape[0],
-        forward_only=True)
+    forward_only(model, [batch], forward_step, input_ids.shape[1])
     # The last stage holds the logits; ship them to the first stage (where rank 0 lives).
     if ps.get_pipeline_model_parallel_world_size() > 1:
         shape = (*input_ids.shape, model.vocab_size)
@@ -128,7 +123,7 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, tp: int, pp: int,
     """Returns the result dict on rank 0 (None on other ranks)."""
     import torch.distributed as dist
 
-    from prism_megatron.convert.load import load_megatron_checkpoint
+    from prism_megatron.weights.load import load_megatron_checkpoint
     from prism_megatron.distributed import init_distributed
 
     if pp_layers is None and pp > 1:

@@ -10,7 +10,8 @@ Labels are shifted inside each sample before packing, so no sample predicts its 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -46,9 +47,11 @@ def pack_greedy(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def collate(samples: Sequence[Encoded], rows: list[list[int]], *, pad_id: int,
-            position_fn: PositionFn | None, length: int | None = None) -> dict[str, torch.Tensor]:
-    """Lay ``samples`` out as ``rows`` (lists of sample indices per batch row)."""
+def collate(samples: Sequence[Encoded] | Mapping[int, Encoded], rows: list[list[int]], *, pad_id: int,
+            position_fn: PositionFn | None, length: int | None = None,
+            positions: Mapping[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Lay ``samples`` out as ``rows`` (lists of sample indices per batch row). Positions come
+    from ``position_fn`` per sample, or precomputed per sample in ``positions`` ([3, S_i])."""
     seq = length or max(sum(len(samples[i].input_ids) for i in row) for row in rows)
     batch = len(rows)
     input_ids = torch.full((batch, seq), pad_id, dtype=torch.long)
@@ -64,7 +67,9 @@ def collate(samples: Sequence[Encoded], rows: list[list[int]], *, pad_id: int,
             input_ids[r, start:end] = sample.input_ids
             labels[r, start:end] = shifted_labels(sample)
             segment_ids[r, start:end] = segment
-            position_ids[:, r, start:end] = position_fn(sample.input_ids, sample.image_grid_thw)
+            position_ids[:, r, start:end] = (
+                positions[index] if positions is not None
+                else position_fn(sample.input_ids, sample.image_grid_thw))
             if sample.pixel_values is not None:
                 pixels.append(sample.pixel_values)
                 grids.append(sample.image_grid_thw)
@@ -117,3 +122,21 @@ def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     # Padding rows attend to themselves only, so softmax never sees an all-masked row.
     allowed |= torch.eye(seq, dtype=torch.bool)
     return ~allowed[:, None]
+
+
+def padded_length(length: int, multiple: int = 8) -> int:
+    """A micro-batch's sequence length: ``length`` rounded up to ``multiple`` (fewer distinct
+    shapes for the pipeline schedule and the kernels)."""
+    return math.ceil(length / multiple) * multiple
+
+
+def rank_share(indices: Sequence[int], dp_rank: int, dp_size: int,
+               micro: int | None = None) -> list[int | None]:
+    """Data-parallel rank ``dp_rank``'s items of a global batch: positions r, r + dp, ... With
+    ``micro``, padded with None (filler rows) to a whole number of micro-batches that is equal
+    on every rank (the collectives inside a forward need the same count everywhere)."""
+    mine = list(indices[dp_rank::dp_size])
+    if micro is None:
+        return mine
+    per_rank = math.ceil(math.ceil(len(indices) / dp_size) / micro) * micro
+    return mine + [None] * (per_rank - len(mine))

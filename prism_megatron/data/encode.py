@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from prism_megatron.data.sharegpt import BadRow
+from prism_megatron.errors import PrismError
 
 IGNORE_INDEX = -100
 
@@ -25,8 +26,6 @@ def load_processor(hf_dir: str | Path, min_pixels: int | None = None,
     directory only: a missing one is one error line, never a model-hub lookup (prism runs with
     HF_HUB_OFFLINE=1 unless the user asks otherwise)."""
     from transformers import AutoProcessor
-
-    from prism_megatron.errors import PrismError
 
     if not hf_dir or not Path(hf_dir).is_dir():
         raise PrismError(f"model directory {hf_dir!r} does not exist: model.hf_dir must be a local "

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prism_megatron.data.sharegpt import DataError
-from prism_megatron.data.template import IMAGE_PLACEHOLDER, SYSTEM_PROMPT
+from prism_megatron.data.template import IMAGE_PLACEHOLDER
+from prism_megatron.rewards.response import SYSTEM_PROMPT
 
 log = logging.getLogger(__name__)
 DATA_SOURCE = "hiyouga/geometry3k"

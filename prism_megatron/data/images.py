@@ -212,6 +212,32 @@ def _b64(text: str, where: str) -> bytes:
     return data
 
 
+def load_images(row: dict[str, Any], base_dir: Path, expected: int, *,
+                base_dirs: tuple = (), min_pixels: int | None = None,
+                max_pixels: int | None = None, max_side: int | None = None,
+                factor: int | None = None, where: str = "") -> list[Image.Image]:
+    """A stored row's ``images`` as RGB, fitted to the pixel budget (``load_fitted``).
+
+    Relative paths are tried against ``base_dir`` (the data file's directory) and then each of
+    ``base_dirs`` (``media_dir``, ``data.image_root``). BadRow if an image is missing, corrupt,
+    too large, remote, of a wrong type, or if their number is not ``expected`` (the row's
+    placeholders). The row readers' own path is ``rows.row_images``.
+    """
+    values = row.get("images")
+    if values is None:
+        values = []
+    elif isinstance(values, (str, dict, bytes, Path)):
+        values = [values]
+    elif not isinstance(values, (list, tuple)):
+        raise ImageError("bad_image_value", f"images must be a list, got {type(values).__name__}",
+                         where)
+    if len(values) != expected:
+        raise BadRow("image_count_mismatch", f"{expected} placeholders, {len(values)} images")
+    dirs = (base_dir, *base_dirs)
+    return [load_fitted(v, base_dirs=dirs, where=where, min_pixels=min_pixels,
+                        max_pixels=max_pixels, max_side=max_side, factor=factor) for v in values]
+
+
 def _check_size(size: tuple[int, int], where: str) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit and size[0] * size[1] > limit:

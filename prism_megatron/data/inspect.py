@@ -23,7 +23,7 @@ from prism_megatron.data.rows import (
     Row, RowOptions, RowSource, dataset_info_source, open_tables, pair_texts, prompt_messages,
     row_images, tagged_teacher)
 from prism_megatron.data.sharegpt import BadRow, DataError, SkipStats
-from prism_megatron.data.template import SYSTEM_PROMPT
+from prism_megatron.rewards.response import SYSTEM_PROMPT
 
 STAGES = ("any", "sft", "rl", "align", "warmup")
 

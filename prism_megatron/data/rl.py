@@ -18,6 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from prism_megatron.data.encode import Encoded, encode_prompt
+from prism_megatron.data.prompt import RolloutPrompt
 from prism_megatron.data.rows import (
     Row, open_tables, prompt_messages, row_images, tagged_teacher)
 from prism_megatron.data.sharegpt import BadRow, DataError, SkipStats
@@ -35,9 +36,7 @@ class RLPrompt:
     id: str = ""
     data_source: str | None = None
 
-    def rollout_prompt(self):
-        from prism_megatron.rollout.base import RolloutPrompt
-
+    def rollout_prompt(self) -> RolloutPrompt:
         return RolloutPrompt.from_encoded(self.encoded, self.images)
 
 

@@ -27,8 +27,12 @@ a Latin-1 file) is a counted ``bad_encoding`` row. Nothing is transcoded by gues
 decodes any byte string, so a guess would silently turn text into mojibake.
 
 The system prompt rule (spec §2.1) lives here once (``apply_system_prompt``): a row's own system
-message is used as is; ``data.system_prompt`` (default: the project's format prompt) is added
-only to rows without one.
+message is used as is; ``data.system_prompt`` (default: the project's format prompt,
+``rewards.response.SYSTEM_PROMPT``) is added only to rows without one.
+
+Messages come out of a row in one place, ``normalise``; ``prompt_messages`` (a ``Row``'s prompt
+turns: RL prompts, warm-up pairs, held-out evaluation, ``prism data inspect``) and
+``row_messages`` (a stored dict's messages, e.g. a benchmark item) are built on it.
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from prism_megatron.data.images import load_fitted
 from prism_megatron.data.sharegpt import (
     ROLE_ALIASES, BadRow, DataError, SkipStats, _content_parts, count_placeholders)
-from prism_megatron.data.template import IMAGE_PLACEHOLDER, SYSTEM_PROMPT, format_response
-from prism_megatron.rewards.response import split_segments
+from prism_megatron.data.template import IMAGE_PLACEHOLDER
+from prism_megatron.rewards.response import SYSTEM_PROMPT, format_response, split_segments
 
 log = logging.getLogger(__name__)
 
@@ -668,8 +673,6 @@ def open_tables(sources: Sequence[str | Path | RowSource], data_cfg: Any = None,
 
 def row_images(row: Row) -> list:
     """The row's images decoded (RGB), one per ``<image>`` placeholder, or ``BadRow``."""
-    from prism_megatron.data.images import load_fitted
-
     expected = count_placeholders(row.messages)
     if len(row.images) != expected:
         raise BadRow("image_count_mismatch",
@@ -677,6 +680,12 @@ def row_images(row: Row) -> list:
     min_pixels, max_pixels, max_side = row.budget
     return [load_fitted(v, base_dirs=row.base_dirs, where=row.where, min_pixels=min_pixels,
                         max_pixels=max_pixels, max_side=max_side) for v in row.images]
+
+
+def row_messages(raw: dict) -> list[dict]:
+    """A stored row's chat messages with typed content parts, as ``normalise`` reads them (any
+    layout; no default system prompt added); ``BadRow`` when it has none usable."""
+    return normalise(raw, system_prompt=None).messages
 
 
 def prompt_messages(row: Row) -> list[dict]:
@@ -800,6 +809,6 @@ def read_rows(path: str | Path | RowSource, data_cfg: Any = None) -> Iterator[di
 
 __all__ = ["LAYOUTS", "BadRow", "DataError", "Row", "RowOptions", "RowSource", "RowTable",
            "SkipStats", "apply_system_prompt", "dataset_info_source", "detect_layout",
-           "open_rows", "open_tables", "pair_texts", "prompt_messages", "read_rows",
+           "open_rows", "open_tables", "pair_texts", "prompt_messages", "read_rows", "row_messages",
            "row_example", "row_images", "row_sources", "sharegpt_dict", "tagged_student",
            "tagged_teacher"]

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from prism_megatron.data.collate import collate, empty_batch, pack_greedy, pad_batch
+from prism_megatron.data.collate import (
+    collate, empty_batch, pack_greedy, pad_batch, padded_length, rank_share)
 from prism_megatron.data.encode import Encoded, encode_conversation
 from prism_megatron.data.rows import RowTable, open_tables, row_example
 from prism_megatron.data.sharegpt import BadRow, DataError, SkipStats
@@ -125,16 +126,6 @@ def load_sft_samples(files: Sequence, processor, *, max_prompt_length: int,
 
 
 # ---- one step's share of a data-parallel rank -----------------------------------------------
-
-def rank_share(indices: Sequence[int], dp_rank: int, dp_size: int) -> list[int]:
-    """Positions dp_rank, dp_rank + dp_size, ... of the global batch (round-robin: the shares
-    differ by at most one row and need no lengths)."""
-    return list(indices[dp_rank::dp_size])
-
-
-def padded_length(length: int) -> int:
-    return math.ceil(length / SEQ_MULTIPLE) * SEQ_MULTIPLE
-
 
 @dataclass(frozen=True)
 class StepRequest:

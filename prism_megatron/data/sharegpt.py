@@ -1,8 +1,9 @@
 """Reading sharegpt-style multimodal rows and turning them into chat messages.
 
-The readers of every published layout (verl, LLaMA-Factory, warm-up pairs, ...) live in
-``prism_megatron.data.rows``; the functions here are the plain-sharegpt row functions they build
-on, and ``BadRow`` / ``SkipStats`` / ``DataError``, the bad-input vocabulary of every loader.
+The readers of every published layout (verl, LLaMA-Factory, warm-up pairs, ...) and the one
+row -> messages normaliser live in ``prism_megatron.data.rows``; the functions here are the
+plain-sharegpt pieces they build on (role aliases, ``<image>`` placeholders -> typed parts), and
+``BadRow`` / ``SkipStats`` / ``DataError``, the bad-input vocabulary of every loader.
 
 Two row layouts are accepted (PRISM's SFT data uses the first):
   {"messages": [{"role": "user", "content": "<image>What ..."}, ...], "images": ["a.png"]}
@@ -17,10 +18,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from prism_megatron.data.template import IMAGE_PLACEHOLDER
 from prism_megatron.errors import PrismError
@@ -110,58 +108,6 @@ def _content_parts(text: str) -> list[dict[str, Any]]:
     return parts
 
 
-def row_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Normalise a row to HF chat messages with typed content parts (images as parts)."""
-    if "__bad_row__" in row:          # a bad row handed on by ``rows.read_rows``
-        raise BadRow(*row["__bad_row__"])
-    if isinstance(row.get("messages", row.get("conversations")), str):
-        raise BadRow("bad_messages", "messages is a string, not a list of turns")
-    turns = row.get("messages") or row.get("conversations")
-    if not turns:
-        raise BadRow("no_messages")
-    messages = []
-    for turn in turns:
-        role = ROLE_ALIASES.get(turn.get("role") or turn.get("from") or "")
-        text = turn.get("content", turn.get("value"))
-        if role is None or not isinstance(text, str):
-            raise BadRow("bad_turn", repr(turn)[:80])
-        if role == "assistant":
-            if not text.strip():
-                raise BadRow("empty_assistant")
-            messages.append({"role": role, "content": text})
-        else:
-            messages.append({"role": role, "content": _content_parts(text)})
-    return messages
-
-
 def count_placeholders(messages: list[dict[str, Any]]) -> int:
     return sum(1 for m in messages if isinstance(m["content"], list)
                for part in m["content"] if part["type"] == "image")
-
-
-def load_images(row: dict[str, Any], base_dir: Path, expected: int, *,
-                base_dirs: tuple = (), min_pixels: int | None = None,
-                max_pixels: int | None = None, max_side: int | None = None,
-                factor: int | None = None, where: str = "") -> list[Image.Image]:
-    """The row's images as RGB, fitted to the pixel budget (``data/images.py``, the one decoder).
-
-    Relative paths are tried against ``base_dir`` (the data file's directory) and then each of
-    ``base_dirs`` (``media_dir``, ``data.image_root``). BadRow if an image is missing, corrupt,
-    too large, remote, of a wrong type, or if their number does not match the placeholders.
-    ``factor``: see ``data.images.fit_pixels`` (SGLang rollouts: ``SGLANG_IMAGE_FACTOR``).
-    """
-    from prism_megatron.data.images import ImageError, load_fitted   # (it imports BadRow)
-
-    values = row.get("images")
-    if values is None:
-        values = []
-    elif isinstance(values, (str, dict, bytes, Path)):
-        values = [values]
-    elif not isinstance(values, (list, tuple)):
-        raise ImageError("bad_image_value", f"images must be a list, got {type(values).__name__}",
-                         where)
-    if len(values) != expected:
-        raise BadRow("image_count_mismatch", f"{expected} placeholders, {len(values)} images")
-    dirs = (base_dir, *base_dirs)
-    return [load_fitted(v, base_dirs=dirs, where=where, min_pixels=min_pixels,
-                        max_pixels=max_pixels, max_side=max_side, factor=factor) for v in values]

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from prism_megatron.data.template import IMAGE_PLACEHOLDER, SYSTEM_PROMPT, format_response
+from prism_megatron.data.template import IMAGE_PLACEHOLDER
+from prism_megatron.rewards.response import SYSTEM_PROMPT, format_response
 
 CELL_PX = 32
 COLOURS = ("red", "green", "blue", "yellow")        # question-worthy colours

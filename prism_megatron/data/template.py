@@ -1,38 +1,15 @@
-"""Prompt and response-format constants shared by every PRISM stage.
+"""Chat-template constants: the image placeholder of sharegpt-style strings and the Qwen3-VL chat
+template the tiny test checkpoints carry (the project writes it into model directories because
+transformers does not ship the template text).
 
-The PRISM response format (spec §2) is requested by one system prompt, which lives here once, so SFT
-data, alignment rollouts and the discriminator all see the same text. It is the default of
-``data.system_prompt``: a row that carries its own system message keeps it, the default is added
-only to rows without one (``prism_megatron.data.rows.apply_system_prompt``, the one place that
-applies the rule for every stage, the warm-up pairs and evaluation); the one regex that checks the
-format lives in ``prism_megatron.rewards.response``. The Qwen3-VL chat template used by the tiny
-test checkpoints is here as well, because the project writes it into model directories
-(transformers does not ship the template text).
+The PRISM response format (spec §2) — the system prompt that requests it, its tags, the regex
+that checks it and the writer — lives in ``prism_megatron.rewards.response``.
 """
 
 from __future__ import annotations
 
-# Spec §2.1: helpful scientific assistant, answer from the image, strict XML format; caption = brief
-# bullet description (style, objects, visible text), think = step-by-step reasoning, answer = final
-# answer only. Our own wording of that instruction.
-SYSTEM_PROMPT = (
-    "You are a helpful scientific assistant. Answer the user's question based on the image. "
-    "Strictly follow this XML format in your reply and write nothing outside the tags:\n"
-    "<caption>a brief bullet-point description of the image: its style, the key objects and "
-    "any visible text</caption>\n"
-    "<think>your step-by-step reasoning</think>\n"
-    "<answer>the final answer only</answer>"
-)
-
-FORMAT_TAGS = ("<caption>", "</caption>", "<think>", "</think>", "<answer>", "</answer>")
-
 # Placeholder for an image inside a sharegpt-style string message.
 IMAGE_PLACEHOLDER = "<image>"
-
-
-def format_response(caption: str, think: str, answer: str) -> str:
-    """Join the three segments in the canonical layout: one newline between blocks."""
-    return f"<caption>{caption}</caption>\n<think>{think}</think>\n<answer>{answer}</answer>"
 
 
 # A Jinja chat template equivalent to the one Qwen3-VL-Instruct checkpoints ship: ChatML turns

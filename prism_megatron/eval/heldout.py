@@ -6,7 +6,7 @@ synthetic task's ``test.jsonl``, or a verl parquet such as geo3k's test split) w
 ``n > 1`` and a temperature, pass@k over the samples is reported too.
 
 ``generate_and_score`` is the one generation + scoring loop: held-out files (``evaluate``) and
-the paper's benchmarks (``prism_megatron.eval.benchmarks``) both go through it, so a number in
+`prism eval` (``prism_megatron.eval.cli``) both go through it, so a number in
 one table means the same thing as in the other. Every sample gets two accuracies:
 
 * ``accuracy``: the RLVR reward's accuracy (spec §5), format-gated as in training;
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from prism_megatron.data.encode import encode_prompt
 from prism_megatron.data.rows import open_tables, prompt_messages, row_images
 from prism_megatron.data.sharegpt import BadRow, DataError, SkipStats
+from prism_megatron.eval.fidelity import heldout_metrics
 from prism_megatron.rewards.judge import judge_answer
 from prism_megatron.rewards.response import extract_answer
 from prism_megatron.rewards.verifiable import MAX_ANSWER_CHARS, _symbolic_judge, score_response
@@ -111,7 +112,8 @@ def summarize(scored: list[list[ScoredSample]]) -> EvalResult:
         answer_accuracy=sum(s.answer_accuracy for s in samples) / count)
 
 
-def load_eval_prompts(path, processor, limit: int | None = None, data_cfg=None):
+def load_eval_prompts(path, processor, limit: int | None = None, data_cfg=None,
+                      metas: list | None = None):
     """(RolloutPrompt, ground truth) for every usable row of one file (a path or a
     ``rows.RowSource``, any layout); rows without an answer or with unreadable images are
     skipped and counted (the summary is logged), a file with none usable is a ``DataError``."""
@@ -129,6 +131,8 @@ def load_eval_prompts(path, processor, limit: int | None = None, data_cfg=None):
             stats.skip(bad)
             continue
         items.append((RolloutPrompt.from_encoded(encoded, images), row.answer))
+        if metas is not None:   # the synthetic task's ground truth, for the fidelity metrics
+            metas.append(table.raw(i).get("meta"))
         if limit and len(items) >= limit:
             break
     log.info("eval %s: %s", table.source, stats.summary())
@@ -140,36 +144,44 @@ def load_eval_prompts(path, processor, limit: int | None = None, data_cfg=None):
 def evaluate(engine, processor, path: str | Path, *, max_new_tokens: int = 256, n: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              limit: int | None = None, batch_size: int = 32, progress: bool = True,
-             data_cfg=None) -> EvalResult:
-    items = load_eval_prompts(path, processor, limit, data_cfg)
+             data_cfg=None, fidelity: dict | None = None) -> EvalResult:
+    """Generate and score one file; with ``fidelity`` (a dict) also fill in the ground-truth
+    perception / reasoning fidelity of rows that carry the synthetic task's ``meta``
+    (eval/fidelity.py; ``eval/<file>/<metric>`` keys)."""
+    metas: list = []
+    items = load_eval_prompts(path, processor, limit, data_cfg, metas)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                             seed=seed)
     scored = generate_and_score(engine, items, lambda item: item, params, n=n,
                                 batch_size=batch_size, desc=f"eval {Path(path).name}",
                                 progress=progress)
+    if fidelity is not None:
+        fidelity.update(heldout_metrics(Path(path).stem, scored, metas,
+                                        [answer for _, answer in items]))
     return summarize(scored)
 
 
 class PolicyEvaluator:
     """Evaluates the Megatron policy under training on ``data.eval_files``.
 
-    Collective: every rank calls it. The first rank keeps a CPU rollout engine, receives the
-    current weights through the trainer -> engine weight sync (the same path RL stages use),
-    generates and scores; the metrics are shared with all ranks.
+    Collective: every rank calls it. The RL stages pass their own rollout engine, which holds the
+    trainer's weights after every step's sync: no second model copy, no second sync. Otherwise
+    (SFT) the first rank starts the engine ``rollout`` configures and pushes the current weights
+    through the trainer -> engine weight sync (the path the RL stages use) before each
+    evaluation. The first rank generates and scores; the metrics are shared with all ranks.
     """
 
-    def __init__(self, cfg, processor):
+    def __init__(self, cfg, processor, engine=None, *, shared: bool = False):
+        """``shared``: ``engine`` is the stage's own (None off the sender rank) and already holds
+        the weights to evaluate."""
         from prism_megatron.rollout import make_engine
         from prism_megatron.rollout.weight_sync import is_sender
 
         self.cfg, self.processor = cfg, processor
         self.files = list(cfg.data.eval_files)
-        self.engine = None
-        if self.files and is_sender():
-            from omegaconf import OmegaConf
-            local = OmegaConf.structured(cfg.rollout)
-            local.engine = "local"   # evaluation of the trainer's weights happens in-process
-            self.engine = make_engine(OmegaConf.to_object(local), cfg.model.hf_dir, cfg.data)
+        self.shared, self.engine = shared, engine
+        if self.files and not shared and is_sender():
+            self.engine = make_engine(cfg.rollout, cfg.model.hf_dir, cfg.data)
 
     def __call__(self, model, hf_config) -> dict[str, float]:
         import torch.distributed as dist
@@ -178,7 +190,11 @@ class PolicyEvaluator:
 
         if not self.files:
             return {}
-        sync_weights(model, self.engine, hf_config, bucket_mb=self.cfg.rollout.weight_bucket_mb)
+        if not self.shared:          # every rank joins the sync (collective)
+            r = self.cfg.rollout
+            sync_weights(model, self.engine, hf_config, bucket_mb=r.weight_bucket_mb,
+                         mode=r.weight_sync, disk_dir=f"{self.cfg.logging.run_dir}/weight_sync",
+                         hf_dir=self.cfg.model.hf_dir)
         metrics = {}
         if self.engine is not None:
             e = self.cfg.eval
@@ -188,7 +204,7 @@ class PolicyEvaluator:
                                   temperature=e.temperature, top_p=e.top_p,
                                   limit=e.limit or None,
                                   batch_size=e.batch_size, seed=self.cfg.seed,
-                                  data_cfg=self.cfg.data)
+                                  data_cfg=self.cfg.data, fidelity=metrics)
                 name = Path(path).stem
                 metrics.update({f"eval/{name}/accuracy": result.accuracy,
                                 f"eval/{name}/format_rate": result.format_rate,
@@ -200,5 +216,5 @@ class PolicyEvaluator:
         return metrics
 
     def shutdown(self) -> None:
-        if self.engine is not None:
+        if self.engine is not None and not self.shared:
             self.engine.shutdown()

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from prism_megatron.config import ConfigError
+from prism_megatron.config import ConfigError, load_config
 
 STAGES = ("convert", "sft", "pairs", "upcycle", "warmup", "align", "prism_rlvr", "baseline_rlvr")
 NEEDS = {"convert": (), "sft": ("convert",), "pairs": ("sft",), "upcycle": (),
          "warmup": ("pairs", "upcycle"), "align": ("sft", "warmup"), "prism_rlvr": ("align",),
          "baseline_rlvr": ("sft",)}
 POLICY_STAGES = ("sft", "align", "prism_rlvr", "baseline_rlvr")   # report held-out accuracy
+BENCHMARK_STAGES = ("align", "prism_rlvr", "baseline_rlvr")   # evaluated with `benchmarks`
 
 
 @dataclass
@@ -66,6 +63,10 @@ class PipelineConfig:
     shared_from: str = ""             # another work_dir whose finished stages are reused ...
     shared_stages: list[str] = field(default_factory=list)   # ... for these stages
     policy_overrides: list[str] = field(default_factory=list)  # for sft/align/rlvr (eval.limit)
+    # a `prism eval` config (e.g. examples/eval_paper.yaml): after each RL stage its policy is
+    # exported to HF and evaluated on it; the results table gains a column per benchmark
+    benchmarks: str = ""
+    benchmark_overrides: list[str] = field(default_factory=list)   # key=value for that eval
     data: PipelineData = field(default_factory=PipelineData)
     convert: StageSpec = field(default_factory=StageSpec)
     sft: StageSpec = field(default_factory=StageSpec)
@@ -77,23 +78,9 @@ class PipelineConfig:
 
 
 def load_pipeline_config(path: str | None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Defaults <- YAML <- ``key=value``; every problem is one ConfigError line."""
-    overrides = list(overrides or [])
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-    try:
-        cfg = OmegaConf.structured(PipelineConfig)
-        if path:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        cfg = OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)))
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        detail = str(exc).splitlines()[0]
-        raise ConfigError(f"bad pipeline config ({path or 'defaults'}): "
-                          + (f"{key}: {detail}" if key else detail)) from None
+    """Defaults <- YAML <- ``key=value`` (``prism_megatron.config.load_config``, the one loader),
+    then the pipeline's own checks; every problem is one ConfigError line."""
+    cfg = load_config(path or None, overrides, PipelineConfig, label="pipeline config", check=None)
     check_config(cfg)
     return cfg
 

@@ -18,9 +18,10 @@ import threading
 import time
 from pathlib import Path
 
+from prism_megatron.distributed import free_port
 from prism_megatron.errors import PrismError
 from prism_megatron.pipeline.config import (
-    NEEDS, POLICY_STAGES, STAGES, PipelineConfig, selected)
+    BENCHMARK_STAGES, NEEDS, POLICY_STAGES, STAGES, PipelineConfig, selected)
 from prism_megatron.pipeline.results import write_results
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,7 +103,7 @@ class Pipeline:
         if nproc > 1:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                         str(nproc), "--master_addr", "127.0.0.1", "--master_port",
-                        str(_free_port()), "-m", "prism_megatron.cli"]
+                        str(free_port()), "-m", "prism_megatron.cli"]
         return [*launcher, name, str(_path(spec.config)), seed, f"model.hf_dir={hf}", *args,
                 *run, *extra, *spec.overrides]
 
@@ -139,6 +140,31 @@ class Pipeline:
         self.log(f"[pipeline] work dir {self.work}")
         for stage in STAGES:
             self.step(stage)
+            if self.cfg.benchmarks and stage in BENCHMARK_STAGES and self.available(stage):
+                self.benchmark(stage)
+
+    def benchmark_commands(self, stage: str) -> list[list[str]]:
+        """Export the stage's policy to HF, then `prism eval` the benchmarks config on it."""
+        out = self.dir(stage) / "benchmarks"
+        hf = str(_path(self.cfg.hf_dir))
+        return [_tool("export", policy=self.ckpt(stage), hf_dir=hf, out=str(out / "hf")),
+                [sys.executable, "-m", "prism_megatron.cli", "eval",
+                 str(_path(self.cfg.benchmarks)), f"model.hf_dir={out / 'hf'}",
+                 f"logging.run_dir={out}", *self.cfg.benchmark_overrides]]
+
+    def benchmark(self, stage: str) -> None:
+        """The benchmarks of one RL stage's policy (once: ``benchmarks/done.json``)."""
+        out = self.dir(stage) / "benchmarks"
+        if (out / "done.json").is_file():
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.log(f"[pipeline] {stage:<13} benchmarks (log: {out / 'stage.log'})")
+        start = time.time()
+        for command in self.benchmark_commands(stage):
+            run_logged(command, out / "stage.log", f"{stage} benchmarks",
+                       show=self.cfg.show_output, threads=self.cfg.threads)
+        (out / "done.json").write_text(json.dumps(
+            {"stage": stage, "seconds": round(time.time() - start, 1)}) + "\n")
 
     def step(self, stage: str) -> None:
         say = lambda text: self.log(f"[pipeline] {stage:<13} {text}")   # noqa: E731
@@ -291,13 +317,6 @@ def _forward_signals(proc: subprocess.Popen):
 
 def _tool(step: str, **kwargs) -> list[str]:
     return [sys.executable, "-m", "prism_megatron.pipeline", "--step", step, json.dumps(kwargs)]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _strip_port(command):

@@ -17,7 +17,7 @@ def _convert_step(hf_dir: str, out: str) -> None:
 
 
 def _upcycle_step(hf_dir, out, num_experts, top_k, noise_std, seed) -> None:
-    from prism_megatron.models.discriminator.upcycle import upcycle
+    from prism_megatron.convert.upcycle import upcycle
 
     upcycle(hf_dir, out, num_experts=num_experts, top_k=top_k, noise_std=noise_std, seed=seed,
             force=True, progress=False)
@@ -32,7 +32,7 @@ def _pairs_step(policy, hf_dir, align_file, out, seed, samples, heldout_rows, ma
     from prism_megatron.convert.megatron_to_hf import convert_megatron_to_hf
     from prism_megatron.data.encode import load_processor
     from prism_megatron.data.rows import read_rows
-    from prism_megatron.models.discriminator.pairs import policy_pair_rows
+    from prism_megatron.pipeline.pairs import policy_pair_rows
     from prism_megatron.rollout import make_engine, sampling_params
 
     out = Path(out)
@@ -65,7 +65,16 @@ def _pairs_step(policy, hf_dir, align_file, out, seed, samples, heldout_rows, ma
         engine.shutdown()
 
 
-STEPS = {"convert": _convert_step, "pairs": _pairs_step, "upcycle": _upcycle_step}
+def _export_step(policy, hf_dir, out) -> None:
+    """A stage's Megatron checkpoint -> an HF directory (what `prism eval` and SGLang load)."""
+    from prism_megatron.convert.megatron_to_hf import convert_megatron_to_hf
+
+    convert_megatron_to_hf(policy, out, hf_config_dir=hf_dir, force=True, progress=False)
+    print(f"exported {policy} -> {out}")
+
+
+STEPS = {"convert": _convert_step, "pairs": _pairs_step, "upcycle": _upcycle_step,
+         "export": _export_step}
 
 
 def main(argv: list[str] | None = None) -> int:

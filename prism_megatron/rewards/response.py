@@ -1,7 +1,14 @@
 """The policy's response format: ``<caption>…</caption> <think>…</think> <answer>…</answer>``.
 
-One regex (spec §2.2) decides format validity everywhere it matters: the discriminator's
-format score, its training mask, and the RLVR reward gate. This module owns it.
+This module owns the format (spec §2): the system prompt that requests it, its tags, the one
+regex (spec §2.2) that decides format validity everywhere it matters (the discriminator's format
+score, its training mask, the RLVR reward gate) and the writer of the canonical layout.
+
+The system prompt is the default of ``data.system_prompt``: a row that carries its own system
+message keeps it, the default is added only to rows without one
+(``prism_megatron.data.rows.apply_system_prompt``, the one place that applies the rule for every
+stage, the warm-up pairs and evaluation), so SFT data, alignment rollouts and the discriminator
+all see the same text.
 """
 
 from __future__ import annotations
@@ -11,14 +18,33 @@ from dataclasses import dataclass
 
 __all__ = [
     "FORMAT_PATTERN",
+    "FORMAT_TAGS",
+    "SYSTEM_PROMPT",
     "ParsedResponse",
     "Segments",
     "extract_answer",
     "extract_boxed",
+    "format_response",
     "is_format_valid",
     "parse_response",
     "split_segments",
 ]
+
+# Spec §2.1: helpful scientific assistant, answer from the image, strict XML format; caption = brief
+# bullet description (style, objects, visible text), think = step-by-step reasoning, answer = final
+# answer only. Our own wording of that instruction.
+SYSTEM_PROMPT = (
+    "You are a helpful scientific assistant. Answer the user's question based on the image. "
+    "Strictly follow this XML format in your reply and write nothing outside the tags:\n"
+    "<caption>a brief bullet-point description of the image: its style, the key objects and "
+    "any visible text</caption>\n"
+    "<think>your step-by-step reasoning</think>\n"
+    "<answer>the final answer only</answer>"
+)
+
+# The three blocks, in order; every tag string below is derived from these names.
+BLOCKS = ("caption", "think", "answer")
+FORMAT_TAGS = tuple(tag for name in BLOCKS for tag in (f"<{name}>", f"</{name}>"))
 
 # Spec §2.2: the WHOLE decoded response must match (DOTALL; tags exact and case-sensitive; only
 # whitespace around and between the blocks). Group 1 = the caption block with its tags (the
@@ -31,7 +57,7 @@ FORMAT_PATTERN = re.compile(
 )
 
 _BLOCK_PATTERNS = {
-    tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in ("caption", "think", "answer")
+    tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in BLOCKS
 }
 
 
@@ -64,6 +90,11 @@ class Segments:
     reasoning: str
     caption_end: int
     valid: bool
+
+
+def format_response(caption: str, think: str, answer: str) -> str:
+    """Join the three segments in the canonical layout: one newline between blocks."""
+    return f"<caption>{caption}</caption>\n<think>{think}</think>\n<answer>{answer}</answer>"
 
 
 def is_format_valid(text: str) -> bool:

@@ -4,6 +4,10 @@
     samples = engine.generate(prompts, sampling_params(cfg.rollout, seed=step), n=cfg.rollout.n)
     sync_weights(model, engine, hf_config, bucket_mb=cfg.rollout.weight_bucket_mb)   # weight_sync
 
+Around training (``rollout.release_memory_between_phases``; every rank, engine None off the
+sender): ``phase_train(engine)`` before the optimizer steps, ``phase_generate(engine, lambda:
+sync_weights(...))`` before the next generation (resume weights -> sync -> resume KV cache).
+
 Modules: ``base`` (interface, params, log-prob convention), ``local`` (CPU engine), ``serve``
 (the CPU engine behind SGLang's HTTP API), ``sglang`` (the HTTP client / server manager),
 ``weight_sync`` (Megatron -> HF-named buckets through the conversion mapping).
@@ -15,11 +19,11 @@ from pathlib import Path
 
 from prism_megatron.rollout.base import (
     RolloutEngine, RolloutError, RolloutPrompt, RolloutRequestError, RolloutServerError, Sample,
-    SamplingParams, WeightUpdateError, derive_seed)
+    SamplingParams, WeightUpdateError, derive_seed, phase_generate, phase_train)
 
 __all__ = ["RolloutEngine", "RolloutError", "RolloutPrompt", "RolloutRequestError",
            "RolloutServerError", "Sample", "SamplingParams", "WeightUpdateError", "derive_seed",
-           "make_engine", "sampling_params"]
+           "make_engine", "phase_generate", "phase_train", "sampling_params"]
 
 
 def sampling_params(rollout_cfg, *, seed: int | None = None, max_new_tokens: int | None = None,
@@ -55,7 +59,8 @@ def make_engine(rollout_cfg, hf_dir: str | Path, data_cfg=None, **kwargs) -> Rol
                       max_retries=rollout_cfg.max_retries,
                       restart_on_failure=rollout_cfg.restart_on_failure,
                       release_memory_between_phases=rollout_cfg.release_memory_between_phases,
-                      tp=rollout_cfg.sglang_tp)
+                      weights_cpu_backup=rollout_cfg.weights_cpu_backup,
+                      deterministic=rollout_cfg.deterministic, tp=rollout_cfg.sglang_tp)
         common.update(kwargs)
         if rollout_cfg.urls:
             common.setdefault("image_token_id", _image_token(hf_dir))

@@ -19,22 +19,32 @@ INCLUDED in ``token_ids`` and ``logprobs`` (as in SGLang) and left out of ``text
 special tokens skipped); ``finish_reason`` is then ``"stop"``. Reaching ``max_new_tokens`` gives
 ``"length"``.
 
-Seeds: a request with ``seed`` set is reproducible. Sample j of prompt i is drawn with its own
-generator seeded by ``derive_seed(seed, i, j)``, so a sample does not depend on which other
-prompts share its batch or on how many samples are asked for.
+Seeds: on the CPU engine (and the CPU server) a request with ``seed`` set is reproducible. Sample
+j of prompt i is drawn with its own generator seeded by ``derive_seed(seed, i, j)``, so a sample
+does not depend on which other prompts share its batch or on how many samples are asked for.
+Real SGLang honours the per-sample seed only under ``--enable-deterministic-inference``
+(``rollout.deterministic``), with its own RNG: reproducible on the same server configuration,
+never equal to the CPU engine's draws; otherwise GPU rollouts are not reproducible.
+
+Memory phases (``phase_train`` / ``phase_generate``): an engine sharing GPUs with the trainer
+releases its weights and KV cache before training and, before the next generation, resumes the
+weights, receives the trainer's weights, and only then resumes the KV cache (the order slime
+uses; resumed weights are garbage until that sync unless the server keeps a CPU backup).
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from prism_megatron.data.prompt import RolloutPrompt  # noqa: F401 (the engines' input type)
 from prism_megatron.errors import PrismError
 
 
@@ -95,36 +105,6 @@ class SamplingParams:
 
 
 @dataclass
-class RolloutPrompt:
-    """One prompt: token ids from ``prism_megatron.data.encode.encode_prompt`` plus its images.
-
-    ``input_ids`` are the trainer's ids, with every image already expanded to its run of
-    ``<|image_pad|>`` tokens (engines also accept one pad per image and expand it, as SGLang
-    does). ``images`` are the raw images (PIL images, file paths or encoded bytes): what SGLang
-    takes. ``pixel_values`` / ``image_grid_thw`` are optional precomputed vision inputs; the CPU
-    engine uses them as they are (no second image preprocessing), the HTTP client ignores them.
-    """
-
-    input_ids: list[int]
-    images: list[Any] = field(default_factory=list)
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if isinstance(self.input_ids, torch.Tensor):
-            self.input_ids = self.input_ids.tolist()
-        self.input_ids = [int(t) for t in self.input_ids]
-        if not self.input_ids:
-            raise ValueError("a rollout prompt needs at least one token")
-
-    @classmethod
-    def from_encoded(cls, encoded, images: Sequence[Any] = ()) -> "RolloutPrompt":
-        """From ``encode_prompt``'s ``Encoded`` (keeps its vision inputs) and the raw images."""
-        return cls(encoded.input_ids.tolist(), list(images), encoded.pixel_values,
-                   encoded.image_grid_thw)
-
-
-@dataclass
 class Sample:
     """One generated response."""
 
@@ -171,11 +151,16 @@ class RolloutEngine(ABC):
     def health(self) -> dict[str, Any]:
         """``{"ok": bool, ...}``; never raises for a dead engine, it reports it."""
 
-    def release_memory(self) -> None:
-        """Free accelerator memory between phases (no-op unless the engine supports it)."""
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Free accelerator memory between phases (``weights`` / ``kv_cache``; None: all).
+        A no-op unless the engine supports it."""
 
-    def resume_memory(self) -> None:
-        """Undo ``release_memory`` before the next generation."""
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Undo ``release_memory`` for ``tags`` (None: all) before the next generation."""
+
+    def weight_update_session(self):
+        """A context spanning one whole weight sync (SGLang's begin/end_weight_update)."""
+        return nullcontext()
 
     @abstractmethod
     def shutdown(self) -> None:
@@ -186,3 +171,31 @@ class RolloutEngine(ABC):
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+# Memory phases: the two calls an RL stage makes around training (spec §1: generate -> train).
+WEIGHTS, KV_CACHE = "weights", "kv_cache"
+
+
+def phase_train(engine: RolloutEngine | None) -> None:
+    """Before training: the engine releases its weights and KV cache (when configured).
+
+    Call on every rank; ranks without the engine client pass None.
+    """
+    if engine is not None:
+        engine.release_memory([WEIGHTS, KV_CACHE])
+
+
+def phase_generate(engine: RolloutEngine | None, sync: Callable[[], Any]) -> Any:
+    """Before generating: resume the weights, run ``sync()`` (the collective weight sync, on
+    every rank), then resume the KV cache; returns what ``sync`` returns.
+
+    Resuming the KV cache last keeps the trainer's memory free during the sync, and the
+    weights must be resumed before they can be written (a released weight is unmapped).
+    """
+    if engine is not None:
+        engine.resume_memory([WEIGHTS])
+    result = sync()
+    if engine is not None:
+        engine.resume_memory([KV_CACHE])
+    return result

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from prism_megatron.data.encode import load_processor
 from prism_megatron.rollout.base import (
     RolloutEngine, RolloutError, RolloutPrompt, Sample, SamplingParams, WeightUpdateError,
     sample_seeds)
@@ -192,8 +193,6 @@ class LocalEngine(RolloutEngine):
         the same image tokens. ``context_length``: prompt + max_new_tokens limit; default the
         model's ``max_position_embeddings``."""
         from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
-
-        from prism_megatron.data.encode import load_processor
 
         self.model_path = str(hf_dir)
         if not (Path(hf_dir) / "config.json").is_file():

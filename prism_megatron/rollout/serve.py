@@ -6,20 +6,40 @@ It runs the CPU engine (``local.py``) behind the same endpoints and JSON shapes 
 ``python -m sglang.launch_server``, so ``SGLangEngine`` is exercised for real on machines without
 a GPU:
 
-    GET  /health, /health_generate (one greedy token), /get_model_info, /get_server_info
+    GET  /health, /health_generate (one greedy token), /get_model_info, /server_info
+         (= /get_server_info: tp_size 1, version, image_token_id, memory state)
     POST /generate                      input_ids | text, image_data, sampling_params, return_logprob
-    POST /flush_cache, /release_memory_occupation, /resume_memory_occupation   (no-ops on CPU)
+    POST /flush_cache                   400 "Flush cache failed." while requests are in flight
+    POST /release_memory_occupation, /resume_memory_occupation   {"tags": [weights, kv_cache]}
+    POST /begin_weight_update, /end_weight_update                 the weight-update session
     POST /update_weights_from_disk      {"model_path": DIR}
     POST /update_weights_from_tensor    {"serialized_named_tensors": [B64], "load_format":
                                          "prism_safetensors", "flush_cache": true}
+
+It refuses what SGLang 0.5.23 refuses, with SGLang's messages: tensor updates outside a
+``/begin_weight_update`` .. ``/end_weight_update`` session (400); an ``input_ids`` prompt with
+more ``<|image_pad|>`` tokens than images (SGLang counts every pad as one image and fails with an
+IndexError, HTTP 500; one pad per image is the only form it takes); ``/flush_cache`` while
+requests are queued or decoding (400); memory release while requests run (400); resuming a tag
+that is not released (SGLang's KeyError, 400). Unknown tensor names in an update are skipped
+with a warning, as SGLang's loaders skip them.
+
+Memory (``--enable-memory-saver``, as SGLang's): releasing ``weights`` zeroes them (what a GPU
+gives back after the memory saver is garbage; here it is zeros, so a missed sync is visible as
+uniform log-probs ``-log(vocab)``), unless ``--enable-weights-cpu-backup`` keeps a copy that the
+resume restores; while ``weights`` are released, updates and generation are refused; while
+``kv_cache`` is released, generation is refused. Without the memory saver, release only flushes
+the cache (SGLang's no-op adapter).
 
 Tensor wire format of this server (SGLang's own pickles CUDA IPC handles, useless on CPU): each
 element of ``serialized_named_tensors`` is the base64 of a safetensors file
 (``safetensors.torch.save({hf_name: tensor})``), one bucket per request; only the first element is
 read (SGLang sends one copy per TP rank). ``load_format`` must be ``"prism_safetensors"``.
 
-Sampling-param differences from SGLang, all documented: ``sampling_seed`` with ``n > 1`` seeds
-sample j with ``derive_seed(sampling_seed, j)`` (distinct samples); ``stop`` strings, penalties
+Sampling-param differences from SGLang, all documented: ``sampling_seed`` is always honoured
+(the CPU engine's generator; real SGLang uses it only under ``--enable-deterministic-inference``,
+with its own RNG, so the two never draw the same samples); with ``n > 1`` sample j is seeded with
+``derive_seed(sampling_seed, j)`` (distinct samples); ``stop`` strings, penalties
 and ``min_p`` are refused with a 400 rather than ignored.
 
 Concurrency: handler threads parse and validate (images included) and hand jobs to one worker
@@ -73,6 +93,13 @@ DEFAULT_MAX_BODY_MB = 64             # /generate and the small routes
 # Weight buckets arrive as base64 inside JSON: a rollout.weight_bucket_mb=512 bucket is ~683 MiB.
 DEFAULT_MAX_UPDATE_BODY_MB = 1024
 UPDATE_ROUTES = ("/update_weights_from_tensor", "/update_weights_from_disk")
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")    # SGLang's GPU_MEMORY_ALL_TYPES
+# SGLang 0.5.23's messages (managers/scheduler_components/weight_updater.py)
+NO_SESSION = ("update_weights_from_tensor must run between begin_weight_update() and "
+              "end_weight_update()")
+SESSION_OPEN = "a weight-update session is already open; call end_weight_update() first"
+SESSION_CLOSED = "no weight-update session is open; call begin_weight_update() first"
+NOT_IDLE = "release_memory_occupation should be called only when server is idle."
 DEFAULT_REQUEST_TIMEOUT_S = 600.0    # = rollout.request_timeout_s, the client's own limit
 DEFAULT_LISTEN_BACKLOG = 1024        # pending connections; the kernel caps it at somaxconn
 TENSOR_LOAD_FORMAT = "prism_safetensors"
@@ -201,6 +228,13 @@ def parse_generate(body: Any, engine, default_max_new: int = 128):
         ids = id_lists[i]
         pixels = grid = None
         try:
+            pads = ids.count(engine.image_token_id)
+            if imgs and pads > len(imgs):
+                # SGLang's build_input_ids takes every pad for an image start and indexes the
+                # grid of image `pads-1`: an expanded run fails there (an unhandled IndexError)
+                raise BadRequest(f"internal error: IndexError: index {len(imgs)} is out of "
+                                 f"bounds for dimension 0 with size {len(imgs)}",
+                                 HTTPStatus.INTERNAL_SERVER_ERROR)
             if imgs:
                 pixels, grid = preprocess_images(engine.processor.image_processor, imgs)
                 ids = expand_image_pads(ids, engine.image_token_id,
@@ -258,6 +292,122 @@ def decode_tensor_bucket(body: Any) -> dict:
         raise BadRequest(f"serialized_named_tensors[0] is not a safetensors file ({e})") from None
 
 
+# ------------------------------------------------------------ OpenAI-compatible chat completions
+
+_CHAT_KEYS = {"messages", "model", "temperature", "top_p", "max_tokens", "max_completion_tokens",
+              "seed", "n", "stop", "stream", "top_k", "presence_penalty", "frequency_penalty",
+              "user", "logprobs", "response_format", "extra_body", "chat_template_kwargs"}
+_CHAT_DEFAULT_MAX_TOKENS = 1024
+
+
+def _chat_image(url: Any, where: str) -> Any:
+    """An ``image_url`` part's url: a data: URI, a local path or a ``file://`` URI."""
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str) or not url:
+        raise BadRequest(f"{where}: image_url.url must be a non-empty string")
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    return url
+
+
+def parse_chat(body: Any, engine, default_max_new: int = _CHAT_DEFAULT_MAX_TOKENS):
+    """A ``/v1/chat/completions`` body -> (GenRequest, n, model name).
+
+    Messages take OpenAI's content forms (a string, or ``text`` / ``image_url`` parts; image
+    urls are data: URIs or local files, remote ones are refused offline); they are rendered with
+    the checkpoint's own chat template plus the generation prompt, as SGLang does.
+    """
+    from prism_megatron.data.encode import encode_prompt
+    from prism_megatron.rollout.images import load_image
+
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if body.get("stream"):
+        raise BadRequest("stream=true is not supported by this server")
+    unknown = sorted(set(body) - _CHAT_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown /v1/chat/completions fields {unknown}")
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            raise BadRequest(f"{key}={body[key]!r} is not supported by this CPU server")
+    if body.get("stop") not in (None, [], ""):
+        raise BadRequest("stop strings are not supported by this CPU server")
+    if body.get("logprobs"):
+        raise BadRequest("logprobs are not supported on /v1/chat/completions by this server")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list")
+    hf_messages, images = [], []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise BadRequest(f"{where} must be an object with role system|user|assistant")
+        content = m.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind == "image_url":
+                    images.append(_chat_image(part.get("image_url"), f"{where}.content[{j}]"))
+                    parts.append({"type": "image"})
+                else:
+                    raise BadRequest(f"{where}.content[{j}]: only text and image_url parts are "
+                                     f"supported (got type {kind!r})")
+        else:
+            raise BadRequest(f"{where}.content must be a string or a list of parts")
+        hf_messages.append({"role": m["role"], "content": parts})
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    try:
+        n = int(body.get("n") or 1)
+        seed = body.get("seed")
+        params = SamplingParams(
+            temperature=float(body.get("temperature", 1.0)),
+            top_p=float(body.get("top_p", 1.0)), top_k=int(body.get("top_k", -1)),
+            max_new_tokens=int(max_tokens if max_tokens is not None else default_max_new),
+            seed=None if seed is None else int(seed))
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"bad sampling fields ({e})") from None
+    if n < 1:
+        raise BadRequest(f"n={n} must be >= 1")
+    try:
+        pil = [load_image(x) for x in images]
+    except BadImage as e:
+        raise BadRequest(f"image_url: {e}") from None
+    try:
+        enc = encode_prompt(engine.processor, hf_messages, pil)
+    except Exception as e:  # noqa: BLE001 - the template/processor refused the messages
+        raise BadRequest(f"cannot apply the chat template: {type(e).__name__}: {e}") from None
+    ids = enc.input_ids.tolist()
+    context = getattr(engine, "context_length", None)
+    message = context and context_error(len(ids), params.max_new_tokens, context)
+    if message:
+        raise BadRequest(message)
+    seeds = [params.seed] if n == 1 else [None] * n if params.seed is None else [
+        derive_seed(params.seed, j) for j in range(n)]
+    request = GenRequest(RolloutPrompt(ids, [], enc.pixel_values, enc.image_grid_thw), params,
+                         seeds)
+    return request, n, str(body.get("model") or engine.model_path)
+
+
+def chat_completion_json(samples, model: str) -> dict:
+    """OpenAI's (and SGLang's) ``chat.completion`` response for one prompt's samples."""
+    prompt_tokens = samples[0].prompt_tokens if samples else 0
+    completion = sum(len(s.token_ids) for s in samples)
+    return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
+            "created": int(time.time()), "model": model,
+            "choices": [{"index": j, "message": {"role": "assistant", "content": s.text},
+                         "logprobs": None,
+                         "finish_reason": "stop" if s.finish_reason == "stop" else "length"}
+                        for j, s in enumerate(samples)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion}}
+
+
 # ------------------------------------------------------------------------------------- worker
 
 _STOP = object()                 # the worker's end-of-queue sentinel
@@ -285,10 +435,18 @@ class BatchWorker:
     its next step.
     """
 
-    def __init__(self, engine, max_rows: int = 256, wait_s: float = 0.005):
+    def __init__(self, engine, max_rows: int = 256, wait_s: float = 0.005, *,
+                 memory_saver: bool = False, weights_cpu_backup: bool = False):
         self.engine, self.max_rows, self.wait_s = engine, max_rows, wait_s
         self.queue: queue.Queue = queue.Queue()
         self.weight_version = 0
+        self.memory_saver, self.weights_cpu_backup = memory_saver, weights_cpu_backup
+        self.released: set[str] = set()       # SGLang's offload_tags
+        self.weights_garbage = False           # resumed without a backup, not yet overwritten
+        self._backup: dict | None = None
+        self.session_open = False
+        self.in_flight = 0                     # generate jobs submitted and not answered
+        self._count_lock = threading.Lock()
         self.aborted = 0                  # generate jobs ended early (deadline, client gone, stop)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="rollout-worker", daemon=True)
@@ -296,6 +454,10 @@ class BatchWorker:
 
     def submit_job(self, kind: str, payload: Any, deadline: float | None = None) -> _Job:
         job = _Job(kind, payload, deadline)
+        if kind == "generate":
+            with self._count_lock:
+                self.in_flight += 1
+            job.future.add_done_callback(self._done)
         if self.stopping.is_set():
             job.future.set_exception(RequestAborted("the server is shutting down",
                                                     HTTPStatus.SERVICE_UNAVAILABLE))
@@ -311,6 +473,10 @@ class BatchWorker:
         except TimeoutError:
             job.cancel.set()
             raise
+
+    def _done(self, _future) -> None:
+        with self._count_lock:
+            self.in_flight -= 1
 
     def stop(self, timeout: float = 10.0) -> None:
         """End promptly: the running decode stops at its next step, queued jobs are refused."""
@@ -372,6 +538,44 @@ class BatchWorker:
             if job is not _STOP:
                 self._refuse(job, time.monotonic())
 
+    def _memory(self, op: str, tags: list[str]) -> None:
+        """SGLang's release/resume_memory_occupation on the CPU engine's weights."""
+        import torch
+
+        if op == "release":
+            self.released.update(tags)
+            if "weights" in tags and self.memory_saver:
+                targets = getattr(self.engine, "_targets", {})
+                if self.weights_cpu_backup:
+                    self._backup = {n: t.detach().clone() for n, t in targets.items()}
+                with torch.no_grad():
+                    for t in targets.values():
+                        t.zero_()
+            return
+        missing = [t for t in tags if t not in self.released]
+        if missing:   # SGLang: offload_tags.remove(tag) -> KeyError -> HTTP 400
+            raise BadRequest(repr(missing[0]))
+        self.released.difference_update(tags)
+        if "weights" in tags and self.memory_saver:
+            if self._backup is not None:
+                targets = getattr(self.engine, "_targets", {})
+                with torch.no_grad():
+                    for n, t in targets.items():
+                        t.copy_(self._backup[n])
+                self._backup = None
+            else:
+                self.weights_garbage = True
+
+    def refusal(self) -> str | None:
+        """Why generation cannot run now (memory released), else None."""
+        if not self.memory_saver:
+            return None
+        for tag in ("weights", "kv_cache"):
+            if tag in self.released:
+                return (f"the server's {tag} memory is released (release_memory_occupation); "
+                        f"call resume_memory_occupation first")
+        return None
+
     def _run_batch(self, batch: list[_Job]) -> None:
         requests = [r for job in batch for r in job.payload]
         try:
@@ -401,10 +605,19 @@ class BatchWorker:
 
     def _run_one(self, job: _Job) -> None:
         try:
+            if job.kind in ("update_tensor", "update_disk") and "weights" in self.released \
+                    and self.memory_saver:
+                raise WeightUpdateError("the weights are released (release_memory_occupation): "
+                                        "resume_memory_occupation with tags ['weights'] before "
+                                        "updating them")
             if job.kind == "update_tensor":
                 result = self.engine.update_weights(job.payload.items())
             elif job.kind == "update_disk":
                 result = self.engine.update_weights_from_disk(job.payload)
+                self.weights_garbage = False
+            elif job.kind == "memory":
+                job.future.set_result(self._memory(*job.payload))
+                return
             else:
                 raise ValueError(f"unknown job {job.kind}")
             self.weight_version += 1
@@ -572,6 +785,9 @@ class Handler(BaseHTTPRequestHandler):
     def generate(self, body):
         t0 = time.time()
         requests, info, batch = parse_generate(body, self.engine, self.default_max_new)
+        refusal = self.worker.refusal()
+        if refusal:
+            raise ContextTooLong(refusal)   # SGLang's {"error": {"message"}} shape, 400
         results = self._wait(self.worker.submit_job("generate", requests, self._deadline()))
         latency = time.time() - t0
         out = [sample_json(s, i["return_logprob"], i["max_new"], latency)
@@ -579,11 +795,54 @@ class Handler(BaseHTTPRequestHandler):
         single = not batch and len(out) == 1
         self._send(200, out[0] if single else out)
 
+    def chat_completions(self, body):
+        """POST /v1/chat/completions (OpenAI-compatible; what lmms-eval's ``openai`` model speaks)."""
+        request, _, model = parse_chat(body, self.engine)
+        results = self._wait(self.worker.submit_job("generate", [request], self._deadline()))
+        self._send(200, chat_completion_json(results[0], model))
+
     def flush_cache(self, body):
+        if self.worker.in_flight:   # SGLang flushes only when idle; else 400, empty message
+            self._send(400, text="Flush cache failed.\n")
+            return
         self._send(200, text="Cache flushed.\n")
 
-    def noop_success(self, body):
-        self._send(200, {"success": True, "message": "no-op on the CPU server"})
+    def _tags(self, body) -> list[str]:
+        tags = body.get("tags") if isinstance(body, dict) else None
+        if tags is None or tags == []:
+            return list(MEMORY_TAGS)
+        if not isinstance(tags, list) or any(t not in MEMORY_TAGS for t in tags):
+            raise BadRequest(f"tags={tags!r}: each tag must be one of {list(MEMORY_TAGS)}")
+        return tags
+
+    def release_memory(self, body):
+        tags = self._tags(body)
+        if self.worker.in_flight:
+            raise ContextTooLong(NOT_IDLE)
+        self.worker.submit("memory", ("release", tags))
+        self._send(200, None)
+
+    def resume_memory(self, body):
+        tags = self._tags(body)
+        try:
+            self.worker.submit("memory", ("resume", tags))
+        except BadRequest as e:
+            raise ContextTooLong(str(e)) from None
+        self._send(200, None)
+
+    def begin_session(self, body):
+        if self.worker.session_open:
+            self._send(400, {"success": False, "message": SESSION_OPEN})
+            return
+        self.worker.session_open = True
+        self._send(200, {"success": True, "message": "Success"})
+
+    def end_session(self, body):
+        if not self.worker.session_open:
+            self._send(400, {"success": False, "message": SESSION_CLOSED})
+            return
+        self.worker.session_open = False
+        self._send(200, {"success": True, "message": "Success"})
 
     def model_info(self, body):
         self._send(200, {"model_path": self.engine.model_path, "tokenizer_path": self.engine.model_path,
@@ -592,6 +851,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def server_info(self, body):
         self._send(200, {"engine": "prism-cpu", "model_path": self.engine.model_path,
+                         "tp_size": 1, "image_token_id": self.engine.image_token_id,
+                         "enable_memory_saver": self.worker.memory_saver,
+                         "enable_weights_cpu_backup": self.worker.weights_cpu_backup,
+                         "memory_released": sorted(self.worker.released),
+                         "weights_garbage": self.worker.weights_garbage,
+                         "weight_update_session": self.worker.session_open,
+                         "in_flight_requests": self.worker.in_flight,
                          "max_batch_rows": self.worker.max_rows, "version": self.server_version,
                          "context_length": getattr(self.engine, "context_length", None),
                          "request_timeout_s": self.request_timeout_s,
@@ -616,11 +882,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def update_tensor(self, body):
         tensors = decode_tensor_bucket(body)
+        if not self.worker.session_open:
+            self._send(400, {"success": False, "message": NO_SESSION})
+            return
+        known = getattr(self.engine, "_targets", None)
+        if known is not None:   # SGLang's loaders skip names the model does not have
+            unknown = sorted(n for n in tensors if n not in known)
+            if unknown:
+                log.warning("update_weights_from_tensor: skipping %d unknown tensor name(s): %s",
+                            len(unknown), ", ".join(unknown[:8]))
+                tensors = {n: t for n, t in tensors.items() if n in known}
         try:
             count = self.worker.submit("update_tensor", tensors)
         except WeightUpdateError as e:
             self._send(400, {"success": False, "message": str(e)})
             return
+        self.worker.weights_garbage = False
         self._send(200, {"success": True, "message": f"Succeeded to update {count} tensors."})
 
 
@@ -628,11 +905,15 @@ ROUTES = {
     "/health": Handler.health,
     "/health_generate": Handler.health_generate,
     "/generate": Handler.generate,
+    "/v1/chat/completions": Handler.chat_completions,
     "/flush_cache": Handler.flush_cache,
-    "/release_memory_occupation": Handler.noop_success,
-    "/resume_memory_occupation": Handler.noop_success,
+    "/release_memory_occupation": Handler.release_memory,
+    "/resume_memory_occupation": Handler.resume_memory,
+    "/begin_weight_update": Handler.begin_session,
+    "/end_weight_update": Handler.end_session,
     "/get_model_info": Handler.model_info,
     "/get_server_info": Handler.server_info,
+    "/server_info": Handler.server_info,
     "/update_weights_from_disk": Handler.update_disk,
     "/update_weights_from_tensor": Handler.update_tensor,
 }
@@ -642,8 +923,10 @@ def make_server(engine, host: str, port: int, max_rows: int = 256, batch_wait_ms
                 default_max_new: int = 128, *, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
                 max_body_mb: float = DEFAULT_MAX_BODY_MB,
                 max_update_body_mb: float = DEFAULT_MAX_UPDATE_BODY_MB,
-                listen_backlog: int = DEFAULT_LISTEN_BACKLOG) -> tuple[ThreadingHTTPServer, BatchWorker]:
-    worker = BatchWorker(engine, max_rows, batch_wait_ms / 1000)
+                listen_backlog: int = DEFAULT_LISTEN_BACKLOG, memory_saver: bool = False,
+                weights_cpu_backup: bool = False) -> tuple[ThreadingHTTPServer, BatchWorker]:
+    worker = BatchWorker(engine, max_rows, batch_wait_ms / 1000, memory_saver=memory_saver,
+                         weights_cpu_backup=weights_cpu_backup)
     handler = type("BoundHandler", (Handler,), {
         "engine": engine, "worker": worker, "default_max_new": default_max_new,
         "request_timeout_s": request_timeout_s, "max_body_bytes": int(max_body_mb * MB),
@@ -689,6 +972,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="image processor pixel budget: the stage's data.min_pixels")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="image processor pixel budget: the stage's data.max_pixels")
+    parser.add_argument("--enable-memory-saver", action="store_true",
+                        help="release_memory_occupation really releases (SGLang's flag)")
+    parser.add_argument("--enable-weights-cpu-backup", action="store_true",
+                        help="released weights are kept in host memory and restored on resume")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -711,7 +998,9 @@ def main(argv: list[str] | None = None) -> int:
                                     args.batch_wait_ms, request_timeout_s=args.request_timeout_s,
                                     max_body_mb=args.max_body_mb,
                                     max_update_body_mb=args.max_update_body_mb,
-                                    listen_backlog=args.listen_backlog)
+                                    listen_backlog=args.listen_backlog,
+                                    memory_saver=args.enable_memory_saver,
+                                    weights_cpu_backup=args.enable_weights_cpu_backup)
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", args.host, args.port, e)
         return 2

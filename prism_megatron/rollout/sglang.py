@@ -7,10 +7,20 @@ It either launches servers as managed subprocesses (``python -m sglang.launch_se
 prompts are spread round-robin, weight updates go to all of them.
 
 Requests use SGLang's native API. One ``/generate`` call per prompt carries its ``n`` samples in
-batch form (the same ``input_ids`` / images ``n`` times) so that every sample can have its own
-``sampling_seed`` (``derive_seed(seed, prompt_index, j)``, the CPU engine's seeds: both engines
-draw the same samples for the same seed). Image pads are collapsed to one per image, as vLLM and
-verl send them; the server expands them again from its own preprocessing, and a different
+batch form (the same ``input_ids`` / images ``n`` times), each with its own ``sampling_seed``
+(``derive_seed(seed, prompt_index, j)``). What a seed reproduces depends on the engine:
+
+* the CPU engine and the CPU server (``serve.py``) honour every seed: the same seed redraws the
+  same samples (a resumed run redraws them);
+* real SGLang uses ``sampling_seed`` only when launched with ``--enable-deterministic-inference``
+  (``rollout.deterministic: true``; batch-invariant kernels, a large throughput cost), and then
+  with its own RNG: its samples are reproducible run to run on the same server configuration, but
+  they are NOT the CPU engine's samples for the same seed. Without that flag, GPU rollouts are
+  not reproducible at all and the seed is ignored.
+
+Prompts carry exactly one ``<|image_pad|>`` per image (SGLang >= 0.5.20 expands each pad from
+its own preprocessing and fails on an expanded run); the image token id comes from the model's
+config.json, else from the server (``/server_info``), else the request is refused. A different
 expanded prompt length is reported (the trainer would then see other image tokens). Managed
 servers are launched with the stage's pixel budget (``min_pixels`` / ``max_pixels`` =
 ``data.min_pixels`` / ``data.max_pixels``, see ``_sglang_pixel_args``) so that they expand the
@@ -20,11 +30,25 @@ Failures: connection errors, timeouts and 5xx are retried with exponential backo
 managed server that died is relaunched when ``restart_on_failure`` is set (weights loaded from
 disk are re-applied; tensor-pushed weights cannot be, which is an error), otherwise a
 ``RolloutServerError`` names the URL, the cause and the server's log. 4xx answers raise
-``RolloutRequestError`` with the server's message at once.
+``RolloutRequestError`` with the server's message at once; ``/flush_cache``, which SGLang
+refuses (400) while requests run, is retried with backoff for up to ``flush_timeout_s``.
 
 Weight updates: ``update_weights_from_disk(dir)``, or ``update_weights(bucket)`` through
-``/update_weights_from_tensor`` in SGLang's format (its ``MultiprocessingSerializer``; CUDA
-tensors of a colocated trainer) or the CPU server's (base64 safetensors, see ``serve.py``).
+``/update_weights_from_tensor`` in SGLang's format (its ``MultiprocessingSerializer``, one payload
+per server TP rank, after ``monkey_patch_torch_reductions()`` so CUDA tensors are shared by device
+UUID; a colocated trainer) or the CPU server's (base64 safetensors, see ``serve.py``). SGLang
+>= 0.5.21 refuses tensor updates outside a weight-update session: ``weight_update_session()``
+(used by ``weight_sync.sync_weights`` around a whole sync) calls ``/begin_weight_update`` before
+and ``/end_weight_update`` (the post-load hooks) after; a lone ``update_weights`` opens its own.
+A 404 on those routes means an older server without sessions: they are skipped from then on.
+Attached servers report their ``tp_size`` and ``version`` through ``/server_info``.
+
+Memory: ``release_memory(tags)`` / ``resume_memory(tags)`` call SGLang's
+``/release_memory_occupation`` / ``/resume_memory_occupation`` (tags ``weights``, ``kv_cache``;
+all when None) when ``release_memory_between_phases`` is set (launched with
+``--enable-memory-saver``; ``weights_cpu_backup`` adds ``--enable-weights-cpu-backup``). Released
+weights come back as garbage unless backed up: use ``base.phase_train`` / ``base.phase_generate``,
+which resume the weights, sync, and only then resume the KV cache.
 """
 
 from __future__ import annotations
@@ -45,17 +69,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from prism_megatron.distributed import free_port
 from prism_megatron.rollout.base import (
-    RolloutEngine, RolloutError, RolloutPrompt, RolloutRequestError, RolloutServerError, Sample,
-    SamplingParams, WeightUpdateError, sample_seeds)
+    KV_CACHE, WEIGHTS, RolloutEngine, RolloutError, RolloutPrompt, RolloutRequestError,
+    RolloutServerError, Sample, SamplingParams, WeightUpdateError, sample_seeds)
 from prism_megatron.rollout.images import collapse_image_pads, image_to_data_url
 
 log = logging.getLogger(__name__)
@@ -72,6 +98,8 @@ class _Server:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    info: dict = field(default_factory=dict)   # /server_info (tp_size, version, ...)
+    sessions: bool = True                      # False: an older server without session routes
 
     @property
     def managed(self) -> bool:
@@ -85,12 +113,6 @@ class _Server:
             return ""
         text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
         return "\n".join(text)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _error_message(raw: bytes) -> str:
@@ -119,10 +141,11 @@ class SGLangEngine(RolloutEngine):
                  extra_server_args: Sequence[str] = (), launch_timeout_s: float = 900.0,
                  request_timeout_s: float = 600.0, max_retries: int = 3, backoff_s: float = 0.5,
                  restart_on_failure: bool = False, release_memory_between_phases: bool = False,
+                 weights_cpu_backup: bool = False, deterministic: bool = False,
                  max_concurrency: int = 64, image_token_id: int | None = None,
                  wire_format: str | None = None, log_dir: str | Path | None = None,
                  env: dict[str, str] | None = None, min_pixels: int | None = None,
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, flush_timeout_s: float = 60.0):
         self.tp, self.mem_fraction = tp, mem_fraction
         # the stage's data.min_pixels / max_pixels: launched servers preprocess raw images with
         # the same budget as the trainer's processor (attached servers are the operator's)
@@ -130,6 +153,8 @@ class SGLangEngine(RolloutEngine):
         self.request_timeout_s, self.max_retries, self.backoff_s = request_timeout_s, max_retries, backoff_s
         self.restart_on_failure = restart_on_failure
         self.release_between_phases = release_memory_between_phases
+        self.weights_cpu_backup, self.deterministic = weights_cpu_backup, deterministic
+        self.flush_timeout_s = flush_timeout_s
         self.max_concurrency = max_concurrency
         self.launch_timeout_s = launch_timeout_s
         self.model_path = str(model_path) if model_path else None
@@ -138,12 +163,15 @@ class SGLangEngine(RolloutEngine):
         self._weights: tuple[str, str | None] = ("initial", None)   # what a restart must restore
         self._warned_prompt_len = False
         self._closed = False
+        self._session_depth = 0
+        self._released: set[str] = set()
         if image_token_id is None and model_path:
             image_token_id = _config_image_token(Path(model_path))
         self.image_token_id = image_token_id
 
         if urls:
             self.servers = [_Server(u.rstrip("/")) for u in urls]
+            self._read_server_info(adopt_tp=True)
             self.wire_format = wire_format or self._detect_wire_format()
             return
         if not model_path:
@@ -162,7 +190,7 @@ class SGLangEngine(RolloutEngine):
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self.servers = []
         for k in range(num_servers):
-            port = _free_port()
+            port = free_port()
             self.servers.append(_Server(f"http://127.0.0.1:{port}", launch_command(k, port),
                                         log_path=self._log_dir / f"server{k}-{port}.log"))
         atexit.register(self.shutdown)
@@ -171,9 +199,48 @@ class SGLangEngine(RolloutEngine):
                 self._start(s)
             for s in self.servers:
                 self._wait_ready(s)
+            self._read_server_info(adopt_tp=False)
         except BaseException:
             self.shutdown()
             raise
+
+    def _read_server_info(self, adopt_tp: bool) -> None:
+        """``/server_info`` of every server (``/get_server_info`` before SGLang 0.5.x renamed it).
+
+        Attached servers are the operator's: their ``tp_size`` (how many tensor payloads an
+        update carries) and image token come from the server, not from the config.
+        """
+        for s in self.servers:
+            s.info = {}
+            for route in ("/server_info", "/get_server_info"):
+                try:
+                    out = self._http(s.url + route, None, timeout=30, method="GET")
+                except RolloutRequestError:
+                    continue            # 404: the older name
+                except (RolloutError, *_RETRYABLE):
+                    break
+                s.info = out if isinstance(out, dict) else {}
+                break
+        infos = [s.info for s in self.servers if s.info]
+        if adopt_tp and infos:
+            sizes = {int(i.get("tp_size") or 1) for i in infos}
+            if len(sizes) > 1:
+                raise RolloutError(f"the rollout servers {[s.url for s in self.servers]} report "
+                                   f"different tp_size values {sorted(sizes)}; attach servers of "
+                                   f"one shape")
+            self.tp = sizes.pop()
+        if self.image_token_id is None:
+            for info in infos:
+                token = info.get("image_token_id")
+                if token is None and info.get("model_path"):
+                    token = _config_image_token(Path(str(info["model_path"])))
+                if token is not None:
+                    self.image_token_id = int(token)
+                    break
+
+    @property
+    def server_versions(self) -> dict[str, str | None]:
+        return {s.url: s.info.get("version") for s in self.servers}
 
     # ------------------------------------------------------------------------ server processes
     def _default_command(self, server: str, extra: list[str]) -> Callable[[int, int], list[str]]:
@@ -185,11 +252,13 @@ class SGLangEngine(RolloutEngine):
             if server == "sglang":
                 cmd += ["--tp-size", str(self.tp), "--mem-fraction-static", str(self.mem_fraction),
                         "--base-gpu-id", str(k * self.tp)]
-                if self.release_between_phases:
-                    cmd.append("--enable-memory-saver")
+                if self.deterministic:
+                    cmd.append("--enable-deterministic-inference")
+                cmd += self._memory_flags()
                 cmd += self._sglang_pixel_args()
             else:
                 cmd += ["--request-timeout-s", f"{self.request_timeout_s:g}"]
+                cmd += self._memory_flags()
                 for flag, value in (("--min-pixels", self.min_pixels),
                                     ("--max-pixels", self.max_pixels)):
                     if value:
@@ -197,6 +266,13 @@ class SGLangEngine(RolloutEngine):
             return cmd + extra
 
         return command
+
+    def _memory_flags(self) -> list[str]:
+        """Release/resume needs the memory saver; the CPU weight backup keeps weights across it."""
+        if not self.release_between_phases:
+            return []
+        return ["--enable-memory-saver"] + (["--enable-weights-cpu-backup"]
+                                            if self.weights_cpu_backup else [])
 
     def _sglang_pixel_args(self) -> list[str]:
         """SGLang's image budget flags for ``data.min_pixels`` / ``data.max_pixels``.
@@ -344,11 +420,8 @@ class SGLangEngine(RolloutEngine):
 
     def _detect_wire_format(self) -> str:
         """CPU server or real SGLang? (Only matters for update_weights from tensors.)"""
-        try:
-            info = self._http(self.servers[0].url + "/get_server_info", None, timeout=30, method="GET")
-        except (RolloutError, *_RETRYABLE):
-            return "sglang"
-        return "prism" if isinstance(info, dict) and info.get("engine") == "prism-cpu" else "sglang"
+        info = self.servers[0].info
+        return "prism" if info.get("engine") == "prism-cpu" else "sglang"
 
     # ---------------------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[RolloutPrompt], params: SamplingParams,
@@ -382,8 +455,12 @@ class SGLangEngine(RolloutEngine):
     def _generate_one(self, s: _Server, prompt: RolloutPrompt, sps: list[dict]) -> list[Sample]:
         ids = prompt.input_ids
         if prompt.images:
-            if self.image_token_id is not None:
-                ids = collapse_image_pads(ids, self.image_token_id)
+            if self.image_token_id is None:
+                raise RolloutError(
+                    f"{s.url}: cannot send an image prompt without the model's image token id "
+                    f"(one <|image_pad|> per image): neither the model's config.json nor the "
+                    f"server's /server_info names it; pass image_token_id or a model path")
+            ids = collapse_image_pads(ids, self.image_token_id)   # one pad per image, always
             images = [image_to_data_url(x) for x in prompt.images]
         elif prompt.pixel_values is not None:
             raise RolloutError("SGLangEngine sends raw images: build RolloutPrompt with images=[...] "
@@ -434,13 +511,69 @@ class SGLangEngine(RolloutEngine):
         if self.wire_format == "prism":
             payload = {"serialized_named_tensors": [_safetensors_b64(items)],
                        "load_format": "prism_safetensors", "flush_cache": True}
-        else:
-            payload = {"serialized_named_tensors": [_sglang_serialize(items)] * self.tp,
+        else:   # one payload per TP rank: each holds its own CUDA-IPC references
+            payload = {"serialized_named_tensors": [_sglang_serialize(items)
+                                                    for _ in range(self.tp)],
                        "load_format": None, "flush_cache": True}
-        for s in self.servers:
-            self._check_update(s, "/update_weights_from_tensor", payload)
+        with self.weight_update_session():
+            for s in self.servers:
+                self._check_update(s, "/update_weights_from_tensor", payload)
         self._weights = ("tensor", None)
         return len(items)
+
+    @contextmanager
+    def weight_update_session(self) -> Iterator[None]:
+        """``/begin_weight_update`` on every server, then ``/end_weight_update`` (nestable).
+
+        SGLang >= 0.5.21 refuses tensor and distributed updates outside a session; the end runs
+        its post-load hooks, so one session should span a whole sync. A server answering 404
+        predates sessions and is not asked again.
+        """
+        if self._session_depth:
+            self._session_depth += 1
+            try:
+                yield
+            finally:
+                self._session_depth -= 1
+            return
+        opened = []
+        try:
+            for s in self.servers:
+                if self._session_call(s, "/begin_weight_update", {}):
+                    opened.append(s)
+            self._session_depth = 1
+            yield
+        finally:
+            self._session_depth = 0
+            failure = None
+            for s in opened:
+                try:
+                    self._session_call(s, "/end_weight_update", {})
+                except RolloutError as e:
+                    failure = failure or e
+            if failure is not None and sys.exc_info()[0] is None:
+                raise failure
+
+    def _session_call(self, s: _Server, path: str, payload: dict) -> bool:
+        if not s.sessions:
+            return False
+        try:
+            out = self._post(s, path, payload)
+        except RolloutRequestError as e:
+            if "HTTP 404" in str(e):
+                log.info("rollout server %s has no %s (SGLang < 0.5.21): updates without "
+                         "sessions", s.url, path)
+                s.sessions = False
+                return False
+            if path == "/begin_weight_update" and "already open" in str(e):
+                # a session left open by an interrupted sync: close it, open ours
+                log.warning("%s: closing a weight-update session left open", s.url)
+                self._post(s, "/end_weight_update", {})
+                return self._session_call(s, path, payload)
+            raise WeightUpdateError(str(e)) from None
+        if isinstance(out, dict) and out.get("success") is False:
+            raise WeightUpdateError(f"{s.url}{path}: {out.get('message')}")
+        return True
 
     def update_weights_from_disk(self, model_path: str | Path) -> None:
         path = str(Path(model_path).resolve())
@@ -458,18 +591,50 @@ class SGLangEngine(RolloutEngine):
 
     # ---------------------------------------------------------------------------------- misc
     def flush_cache(self) -> None:
+        """Flush every server's prefix cache; SGLang answers 400 while requests run, so that is
+        retried with backoff (0.1 s doubling to 2 s) for up to ``flush_timeout_s``."""
         for s in self.servers:
-            self._post(s, "/flush_cache", {})
+            t0, delay = time.monotonic(), 0.1
+            while True:
+                try:
+                    self._post(s, "/flush_cache", {})
+                    break
+                except RolloutRequestError as e:
+                    if "HTTP 400" not in str(e):
+                        raise
+                    waited = time.monotonic() - t0
+                    if waited + delay > self.flush_timeout_s:
+                        raise RolloutServerError(
+                            f"rollout server {s.url} still refuses /flush_cache after "
+                            f"{waited:.0f}s (requests are running or queued: {e}); let them "
+                            f"finish first or raise flush_timeout_s") from None
+                    time.sleep(delay)
+                    delay = min(2 * delay, 2.0)
 
-    def release_memory(self) -> None:
-        if self.release_between_phases:
-            for s in self.servers:
-                self._post(s, "/release_memory_occupation", {})
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """``/release_memory_occupation`` for ``tags`` (``weights`` / ``kv_cache``; None: both).
 
-    def resume_memory(self) -> None:
-        if self.release_between_phases:
+        Only tags not released yet are sent (SGLang keeps a set of released tags and a second
+        release of the same memory is not defined)."""
+        if not self.release_between_phases:
+            return
+        todo = [t for t in (tags or (WEIGHTS, KV_CACHE)) if t not in self._released]
+        if todo:
             for s in self.servers:
-                self._post(s, "/resume_memory_occupation", {})
+                self._post(s, "/release_memory_occupation", {"tags": todo})
+            self._released.update(todo)
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """``/resume_memory_occupation`` for the released ones among ``tags`` (SGLang answers a
+        resume of memory that is not released with a KeyError). Resumed weights are garbage
+        until the next sync unless the server keeps a CPU backup (``weights_cpu_backup``)."""
+        if not self.release_between_phases:
+            return
+        todo = [t for t in (tags or (WEIGHTS, KV_CACHE)) if t in self._released]
+        if todo:
+            for s in self.servers:
+                self._post(s, "/resume_memory_occupation", {"tags": todo})
+            self._released.difference_update(todo)
 
     def health(self) -> dict:
         report = []
@@ -516,6 +681,9 @@ def _safetensors_b64(items: list[tuple[str, torch.Tensor]]) -> str:
 
 
 def _sglang_serialize(items: list[tuple[str, torch.Tensor]]) -> str:
+    """SGLang's own pickle of a bucket; CUDA tensors travel as IPC handles keyed by device UUID
+    (``monkey_patch_torch_reductions``), so a server whose CUDA_VISIBLE_DEVICES differs from the
+    trainer's still opens them on the right GPU."""
     try:
         from sglang.srt.utils import MultiprocessingSerializer
     except ImportError:
@@ -525,4 +693,11 @@ def _sglang_serialize(items: list[tuple[str, torch.Tensor]]) -> str:
             raise RolloutError("pushing tensors to a real SGLang server needs the sglang package "
                                "in the trainer (pip install -r requirements-gpu.txt), or use "
                                "rollout.weight_sync=disk") from None
+    if any(t.is_cuda for _, t in items):   # the patch only handles CUDA tensors' reductions
+        try:
+            from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+        except ImportError:
+            monkey_patch_torch_reductions = None
+        if monkey_patch_torch_reductions is not None:
+            monkey_patch_torch_reductions()
     return MultiprocessingSerializer.serialize(items, output_str=True)

@@ -28,12 +28,14 @@ import logging
 import shutil
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from prism_megatron.models import unwrap_model
 from prism_megatron.rollout.base import RolloutError
 
 log = logging.getLogger(__name__)
@@ -86,17 +88,6 @@ class _Groups:
                    dist.get_process_group_ranks(pp_group)[0])
 
 
-def _unwrap(model):
-    """The bare Megatron module under DDP / Float16Module wrappers (one model chunk)."""
-    if isinstance(model, (list, tuple)):
-        if len(model) != 1:
-            raise RolloutError("weight sync supports one model chunk per rank (no virtual pipeline)")
-        model = model[0]
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def is_sender() -> bool:
     """Whether this rank receives the HF tensors (and should own the engine client)."""
     return _Groups.current().sender
@@ -106,15 +97,16 @@ class _Plan:
     """The mapping table expanded for this model and this rank's pipeline stage."""
 
     def __init__(self, model, hf_config, groups: _Groups):
-        from prism_megatron.convert.layout import PipelineLayout
-        from prism_megatron.convert.table import expand, fill, get_family
+        from prism_megatron.weights.layout import PipelineLayout
+        from prism_megatron.convert.families import get_family
+        from prism_megatron.weights.table import expand, fill
 
         family = get_family(getattr(hf_config, "model_type", None))
         self.info = family.describe(hf_config)
         self.dims = self.info.dims(padded_vocab_size=0)   # export: padding rows are stripped
         tied = self.info.tie_word_embeddings
         self.entries = [e for e in expand(family.rules, self.info) if not (e.rule.tied_to and tied)]
-        self.params = {n: p for n, p in _unwrap(model).named_parameters()}
+        self.params = {n: p for n, p in unwrap_model(model).named_parameters()}
         pipelined = self.info.pipelined_index
         # Decoder layers on this stage: distinct indices after e.g. "language_model.decoder.layers."
         prefix = next(e.rule.megatron for e in self.entries if e.placeholder == pipelined).split("{")[0]
@@ -272,18 +264,23 @@ def sync_weights(model, engine, hf_config, *, bucket_mb: float = 512, mode: str 
     weight_map: dict[str, str] = {}
     if sender and out is not None:
         _prepare_dir(out, hf_dir)
-    for bucket in iter_buckets(iter_hf_tensors(model, hf_config), int(bucket_mb * 2**20)):
-        nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
-        stats.tensors += len(bucket)
-        stats.bytes += nbytes
-        stats.buckets += 1
-        stats.max_bucket_bytes = max(stats.max_bucket_bytes, nbytes)
-        if mode == "tensor":
-            engine.update_weights(bucket)
-        else:
-            weight_map.update(_write_shard(out, stats.buckets, bucket))
-        if stats.buckets % 20 == 0:
-            log.info("weight sync: %d buckets, %.1f MiB so far", stats.buckets, stats.bytes / 2**20)
+    # one weight-update session spans every bucket (SGLang runs its post-load hooks at the end)
+    opener = getattr(engine, "weight_update_session", None) if sender and mode == "tensor" else None
+    session = opener() if opener is not None else nullcontext()
+    with session:
+        for bucket in iter_buckets(iter_hf_tensors(model, hf_config), int(bucket_mb * 2**20)):
+            nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+            stats.tensors += len(bucket)
+            stats.bytes += nbytes
+            stats.buckets += 1
+            stats.max_bucket_bytes = max(stats.max_bucket_bytes, nbytes)
+            if mode == "tensor":
+                engine.update_weights(bucket)
+            else:
+                weight_map.update(_write_shard(out, stats.buckets, bucket))
+            if stats.buckets % 20 == 0:
+                log.info("weight sync: %d buckets, %.1f MiB so far", stats.buckets,
+                         stats.bytes / 2**20)
     if sender and mode == "disk":
         index = {"metadata": {"total_size": stats.bytes}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))

@@ -21,80 +21,45 @@ import torch
 
 from prism_megatron.algorithms.advantages import grpo_advantages
 from prism_megatron.algorithms.sampling import keep_informative_groups, overlong_penalty
-from prism_megatron.config import ConfigError, PrismConfig
+from prism_megatron.config import PrismConfig
+from prism_megatron.data.sampler import ResumableSampler
+from prism_megatron.distributed import shard_map
 from prism_megatron.errors import PrismError
 from prism_megatron.rewards.verifiable import score_responses
+from prism_megatron.rl.batch import RolloutBatch
+from prism_megatron.rl.policy import Policy, check_rl_config, response_metrics
+from prism_megatron.runtime import Checkpoints, StepResult, stage_session
 
 log = logging.getLogger("prism.rlvr")
 RLVR_ALGORITHMS = ("grpo", "dapo", "gspo")
 
 
-def check_config(cfg: PrismConfig, algorithms=RLVR_ALGORITHMS) -> None:
-    """The RL-specific rules the schema cannot express; raises ConfigError with the fix."""
-    a = cfg.algorithm
-    if a.name not in algorithms:
-        raise ConfigError(f"algorithm.name={a.name!r}: this stage runs {list(algorithms)}"
-                          + (" (the alignment stage is `prism align`)" if a.name == "prism" else ""))
-    if cfg.rollout.n < 2:
-        raise ConfigError(f"rollout.n={cfg.rollout.n}: group-normalised advantages need at "
-                          "least 2 samples per prompt")
-    if a.loss_agg == "seq-mean-token-sum-norm":
-        raise ConfigError("algorithm.loss_agg=seq-mean-token-sum-norm is not supported: the "
-                          "Megatron loss is normalised by global token or sequence counts; use "
-                          "token-mean, seq-mean-token-mean or seq-mean-token-sum")
-    if a.prompts_per_step < 1 or a.ppo_epochs < 1 or a.mini_batch_prompts < 0:
-        raise ConfigError("algorithm.prompts_per_step and ppo_epochs must be >= 1 and "
-                          "mini_batch_prompts >= 0")
-    for key in ("model.hf_dir", "model.megatron_dir"):
-        section, name = key.split(".")
-        if not getattr(getattr(cfg, section), name):
-            raise ConfigError(f"{key} is empty (the policy to train: HF dir for the processor and "
-                              "engine, Megatron checkpoint for the trainer)")
-
-
-class RewardedBatch:
-    """The step's groups after rewards (and dynamic sampling): prompts, samples, rewards."""
-
-    def __init__(self):
-        self.prompts, self.samples, self.group = [], [], []
-        self.rewards, self.accuracy, self.format_ok = [], [], []
-
-    def add_group(self, prompt, samples, rewards, accuracy, format_ok) -> None:
-        g = len(self.prompts)
-        self.prompts.append(prompt)
-        self.samples += samples
-        self.group += [g] * len(samples)
-        self.rewards += rewards
-        self.accuracy += accuracy
-        self.format_ok += format_ok
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-def score(samples, prompts, group, cfg) -> tuple[list[float], list[float], list[bool]]:
-    """Rule rewards (spec §5) + DAPO's overlong term (spec §6.3) per sample."""
+def score(batch: RolloutBatch, cfg) -> None:
+    """Rule rewards (spec §5) + DAPO's overlong term (spec §6.3) per sample, into ``batch``;
+    each sample is scored on one rank (``shard_map``) and the scores are shared."""
     r = cfg.rewards
-    results = score_responses([s.text for s in samples], [prompts[g].answer for g in group],
-                              num_workers=r.num_workers, accuracy_weight=r.accuracy_weight,
-                              format_weight=r.format_weight)
-    lengths = torch.tensor([len(s) for s in samples])
-    shaping = overlong_penalty(lengths, cfg.rollout.max_new_tokens, r.overlong_buffer,
-                               r.overlong_penalty_factor)
-    rewards = [res.score + float(p) for res, p in zip(results, shaping)]
-    return rewards, [res.accuracy for res in results], [res.format_ok for res in results]
+    pairs = [(s.text, batch.prompt_of(i).answer) for i, s in enumerate(batch.samples)]
+    results = shard_map(lambda part: score_responses(
+        [t for t, _ in part], [a for _, a in part], num_workers=r.num_workers,
+        accuracy_weight=r.accuracy_weight, format_weight=r.format_weight), pairs)
+    shaping = overlong_penalty(batch.response_lengths().long(), cfg.rollout.max_new_tokens,
+                               r.overlong_buffer, r.overlong_penalty_factor)
+    batch.rewards = torch.tensor([res.score + float(p) for res, p in zip(results, shaping)])
+    batch.accuracy = torch.tensor([float(res.accuracy) for res in results])
+    batch.format_ok = torch.tensor([bool(res.format_ok) for res in results])
 
 
-def collect(worker, dataset, sampler, cfg, step: int) -> tuple[RewardedBatch, dict]:
+def collect(policy, dataset, sampler, cfg, step: int) -> tuple[RolloutBatch, dict]:
     """Generation rounds until ``prompts_per_step`` groups are kept (one round without dynamic
     sampling). Every rank computes the same thing from the broadcast samples."""
-    a, n = cfg.algorithm, cfg.rollout.n
-    batch, timings = RewardedBatch(), {"time/rollout_s": 0.0, "time/reward_s": 0.0}
-    generated = kept = rounds = 0
-    while len(batch) < a.prompts_per_step:
+    a = cfg.algorithm
+    kept_batches, kept = [], 0
+    timings = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
+    generated = rounds = 0
+    while kept < a.prompts_per_step:
         if rounds == a.max_num_gen_batches:
             raise PrismError(
-                f"dynamic sampling kept {len(batch)}/{a.prompts_per_step} groups after "
+                f"dynamic sampling kept {kept}/{a.prompts_per_step} groups after "
                 f"{rounds} generation rounds (algorithm.max_num_gen_batches): every other group "
                 "was all-correct or all-wrong. Raise max_num_gen_batches or "
                 "gen_batch_prompts, or use easier/harder prompts")
@@ -102,86 +67,70 @@ def collect(worker, dataset, sampler, cfg, step: int) -> tuple[RewardedBatch, di
             else a.prompts_per_step
         prompts = [dataset[i] for i in sampler.next_indices(count)]
         start = time.perf_counter()
-        samples = worker.generate(prompts, step, rounds)
+        batch = policy.generate(prompts, step, rounds)
         timings["time/rollout_s"] += time.perf_counter() - start
         start = time.perf_counter()
-        group = [g for g in range(len(prompts)) for _ in range(n)]
-        rewards, accuracy, format_ok = score(samples, prompts, group, cfg)
+        score(batch, cfg)
         timings["time/reward_s"] += time.perf_counter() - start
-        keep = torch.ones(len(samples), dtype=torch.bool)
+        keep = torch.ones(len(batch), dtype=torch.bool)
         if a.dynamic_sampling:
-            keep = keep_informative_groups(torch.tensor(accuracy), group)
-        for g, prompt in enumerate(prompts):
-            span = slice(g * n, (g + 1) * n)
-            if keep[span].all() and len(batch) < a.prompts_per_step:
-                batch.add_group(prompt, samples[span], rewards[span], accuracy[span],
-                                format_ok[span])
-                kept += 1
+            keep = keep_informative_groups(batch.accuracy, batch.group)
+        groups = [g for g in range(batch.num_groups)
+                  if bool(keep[torch.tensor(batch.group) == g].all())]
+        groups = groups[:a.prompts_per_step - kept]
+        kept_batches.append(batch.select_groups(groups))
+        kept += len(groups)
         generated += len(prompts)
         rounds += 1
-    return batch, {**timings, "gen_rounds": rounds, "groups_kept": kept / generated}
+    return RolloutBatch.concat(kept_batches), {**timings, "gen_rounds": rounds,
+                                               "groups_kept": kept / generated}
 
 
-def batch_metrics(batch: RewardedBatch, max_new_tokens: int) -> dict[str, float]:
-    lengths = torch.tensor([len(s) for s in batch.samples], dtype=torch.float32)
-    return {"reward": sum(batch.rewards) / len(batch.rewards),
-            "accuracy": sum(batch.accuracy) / len(batch.accuracy),
-            "format_rate": sum(batch.format_ok) / len(batch.format_ok),
-            "response_len_mean": float(lengths.mean()), "response_len_max": float(lengths.max()),
-            "response_clipped": sum(s.finish_reason == "length" for s in batch.samples)
-            / len(batch.samples)}
+def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
+    return {"reward": float(batch.rewards.mean()), "accuracy": float(batch.accuracy.mean()),
+            "format_rate": float(batch.format_ok.float().mean()), **response_metrics(batch)}
 
 
 def run(cfg: PrismConfig) -> dict:
     """Train; returns the last step's metrics (with held-out accuracy, rank-independent)."""
-    from prism_megatron.data.encode import load_processor
     from prism_megatron.data.rl import load_rl_prompts
     from prism_megatron.distributed import is_main_rank
-    from prism_megatron.eval.heldout import PolicyEvaluator
-    from prism_megatron.metrics import plot_curves
     from prism_megatron.preflight import check_paths
-    from prism_megatron.runtime import stage_session
-    from prism_megatron.stages.policy_worker import (
-        open_policy, resume_policy, save_due, trained_tokens)
 
-    check_config(cfg)
+    check_rl_config(cfg, RLVR_ALGORITHMS)
     check_paths(cfg, "rlvr")   # paths, config.json, TP/PP vs heads/layers: before any work
+    a = cfg.algorithm
     with stage_session(cfg, "rlvr", tp=cfg.parallel.tp, pp=cfg.parallel.pp) as session:
-        stack = session.stack
-        processor = load_processor(cfg.model.hf_dir, cfg.data.min_pixels, cfg.data.max_pixels)
+        processor = session.processor()
         dataset, _ = load_rl_prompts(cfg.data.train_files, processor,
                                      max_prompt_length=cfg.data.max_prompt_length,
                                      max_skip_fraction=cfg.data.max_skip_fraction,
                                      progress=is_main_rank(), data_cfg=cfg.data)
-        worker, sampler, total = open_policy(cfg, processor, len(dataset), stack)
-        start = resume_policy(worker, sampler)
-        session.begin(start, total)
-        evaluator = PolicyEvaluator(cfg, processor)
-        stack.callback(evaluator.shutdown)
-        metrics = {}
-        with session.metrics_logger(total, start, desc=f"rlvr/{cfg.algorithm.name}",
-                                    show=("reward", "accuracy", "format_rate")) as logger:
-            if start == 0 and evaluator.files:
-                logger.log(0, evaluator(worker.model, worker.hf_config))
-            for step in range(start + 1, total + 1):
-                logger.tick()
-                batch, metrics = collect(worker, dataset, sampler, cfg, step)
-                metrics.update(batch_metrics(batch, cfg.rollout.max_new_tokens))
-                advantages = grpo_advantages(torch.tensor(batch.rewards), batch.group,
-                                             norm_by_std=cfg.algorithm.norm_adv_by_std)
-                metrics.update(worker.train(batch.prompts, batch.samples, batch.group,
-                                            advantages.float()))
-                metrics["time/sync_s"] = worker.sync()
-                if step == total and evaluator.files:
-                    metrics.update(evaluator(worker.model, worker.hf_config))
-                logger.log(step, metrics, samples=len(batch.samples),
-                           tokens=trained_tokens(batch.prompts, batch.samples, batch.group))
-                session.after_step(step, due=save_due(cfg, step, total),
-                                   save=lambda: worker.trainer.save(
-                                       step, {"sampler": sampler.state_dict()}))
-        if cfg.logging.plots:
-            plot_curves(cfg.logging.run_dir, ["reward", "accuracy", "format_rate", "entropy"],
-                        "rlvr_curves.png", f"RLVR ({cfg.algorithm.name})")
+        total = session.total_steps(len(dataset), a.prompts_per_step)
+        policy = Policy(cfg, processor, total)
+        session.cleanup(policy.shutdown)
+        sampler = ResumableSampler(len(dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
+        checkpoints = Checkpoints(cfg, policy.trainer, state={"sampler": sampler})
+        start = checkpoints.resume()
+        policy.sync()      # the engine loaded model.hf_dir: give it the trainer's weights
+
+        def one_step(step: int) -> StepResult:
+            batch, metrics = collect(policy, dataset, sampler, cfg, step)
+            metrics.update(batch_metrics(batch))
+            batch.advantages = grpo_advantages(batch.rewards, batch.group,
+                                               norm_by_std=a.norm_adv_by_std).float()
+            metrics.update(policy.train(batch))
+            metrics["time/sync_s"] = policy.sync()
+            return StepResult(metrics, len(batch), batch.tokens())
+
+        metrics = session.train_loop(
+            one_step, start=start, total=total, checkpoints=checkpoints,
+            desc=f"rlvr/{a.name}", show=("reward", "accuracy", "format_rate"),
+            eval_interval=cfg.eval.interval,
+            evaluate=session.policy_evaluator(processor, policy.model, policy.hf_config,
+                                              engine=policy.engine, shared=True))
+        session.plot(["reward", "accuracy", "format_rate", "entropy"], "rlvr_curves.png",
+                     f"RLVR ({a.name})")
         return metrics
 
 

@@ -63,7 +63,7 @@ def load(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from prism_megatron.convert.load import load_megatron_checkpoint
+    from prism_megatron.weights.load import load_megatron_checkpoint
     from prism_megatron.convert.verify import build_megatron, make_batches, megatron_logits
     from prism_megatron.distributed import destroy_distributed, init_distributed
 

@@ -25,7 +25,7 @@ def setup(args, ep: int):
 
     from prism_megatron.data.encode import load_processor
     from prism_megatron.distributed import init_distributed
-    from prism_megatron.models.discriminator.pairs import load_pairs
+    from prism_megatron.data.pairs import load_pairs
 
     if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() != ep:
         init_distributed(tp=1, pp=1, ep=ep, seed=0)
@@ -57,8 +57,8 @@ def global_name(name: str, ep_rank: int, local_experts: int) -> str:
 def run_ep(args):
     from megatron.core import parallel_state as ps
 
-    from prism_megatron.models.discriminator.batching import collate_sequences, read_scores
-    from prism_megatron.models.discriminator.segments import pair_sequences
+    from prism_megatron.data.segments import collate_sequences, pair_sequences
+    from prism_megatron.rl.scoring import read_scores
 
     processor, pairs = setup(args, args.ep)
     seqs = [s for p in pairs for s in pair_sequences(p.prompt, p.teacher, p.student).values()]
@@ -101,8 +101,8 @@ def run_nodeadlock(args):
     from megatron.core import parallel_state as ps
 
     from prism_megatron.config import CheckpointConfig, OptimizerConfig, ParallelConfig
-    from prism_megatron.models.discriminator.stats import PairStats
-    from prism_megatron.stages.discriminator_warmup import make_forward, plan_step
+    from prism_megatron.rl.pair_stats import PairStats
+    from prism_megatron.rl.discriminator import pair_forward, pair_loss_fn, plan_pairs
     from prism_megatron.trainer import Trainer
 
     processor, pairs = setup(args, args.ep)   # with ep=2 the forwards also all-to-all
@@ -119,12 +119,13 @@ def run_nodeadlock(args):
                       ParallelConfig(ep=args.ep), CheckpointConfig(), total_steps=4)
     out = {"rank": dist.get_rank()}
     for name, case in cases.items():
-        plan = plan_step(case, [0, 1, 2, 3], dp_rank=ps.get_data_parallel_rank(),
+        plan = plan_pairs(case, [0, 1, 2, 3], dp_rank=ps.get_data_parallel_rank(),
                          dp_size=ps.get_data_parallel_world_size(), micro=2,
                          pad_id=processor.tokenizer.pad_token_id, position_fn=model.position_fn)
         stats = PairStats()
         model.set_step_aux_scale(1.0)
-        metrics = trainer.train_step(plan.batches, make_forward(stats), plan.seq_length)
+        metrics = trainer.train_step(plan.batches, pair_forward(lambda b: pair_loss_fn(b, stats)),
+                                     plan.seq_length)
         pair = stats.reduce()
         out[name] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
                      "valid_local": int(plan.batches[0]["student_valid"].sum()),

@@ -12,37 +12,35 @@ import torch
 
 from prism_megatron.algorithms.advantages import grpo_advantages
 from prism_megatron.config import load_config
-from prism_megatron.data.encode import load_processor
 from prism_megatron.data.rl import load_rl_prompts
-from prism_megatron.distributed import destroy_distributed, init_distributed
+from prism_megatron.rl import logprobs as rl
+from prism_megatron.rl.policy import Policy
 from prism_megatron.rollout.weight_sync import is_sender, iter_hf_tensors
-from prism_megatron.stages import policy_rl as rl
-from prism_megatron.stages.policy_worker import PolicyWorker
+from prism_megatron.runtime import stage_session
 
 
 def main(config: str, out: str) -> None:
     cfg = load_config(config)
-    init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
-    try:
-        processor = load_processor(cfg.model.hf_dir)
+    with stage_session(cfg, "rlvr", tp=cfg.parallel.tp, pp=cfg.parallel.pp) as session:
+        processor = session.processor()
         dataset, _ = load_rl_prompts(cfg.data.train_files, processor,
                                      max_prompt_length=cfg.data.max_prompt_length, progress=False)
-        worker = PolicyWorker(cfg, processor, total_steps=1)
+        worker = Policy(cfg, processor, total_steps=1)
         prompts = dataset[:cfg.algorithm.prompts_per_step]
-        samples = worker.generate(prompts, step=1)
-        group = [g for g in range(len(prompts)) for _ in range(cfg.rollout.n)]
+        batch = worker.generate(prompts, step=1)
+        samples = batch.samples
         # Fixed pseudo-rewards: a random policy earns none, and the update must move weights.
         rewards = torch.randn(len(samples), generator=torch.Generator().manual_seed(0))
-        advantages = grpo_advantages(rewards, group).float()
-        seqs = rl.sequences(prompts, samples, group)
-        plan = worker.plan(seqs, list(range(len(seqs))))
-        old = rl.gather_samples({i: lp for i, (lp, _) in rl.compute_log_probs(
-            worker.model, plan).items()})
+        advantages = grpo_advantages(rewards, batch.group).float()
+        batch.advantages = advantages
+        plan = worker.micro_batches(batch, list(range(len(samples))))
+        rl.compute_log_probs(worker.model, plan)
+        old = rl.gather_samples(plan.per_sample("old_log_probs"))
         before = {name: t.clone() for name, t in iter_hf_tensors(worker.model, worker.hf_config)}
-        metrics = worker.train(prompts, samples, group, advantages)
+        metrics = worker.train(batch)
         weights = {name: t.clone() for name, t in iter_hf_tensors(worker.model, worker.hf_config)}
-        new = rl.gather_samples({i: lp for i, (lp, _) in rl.compute_log_probs(
-            worker.model, plan).items()})
+        rl.compute_log_probs(worker.model, plan)
+        new = rl.gather_samples(plan.per_sample("old_log_probs"))
         if is_sender():
             torch.save({"old": [old[i] for i in range(len(samples))],
                         "new": [new[i] for i in range(len(samples))],
@@ -50,8 +48,6 @@ def main(config: str, out: str) -> None:
                         "advantages": advantages, "metrics": metrics, "before": before,
                         "weights": weights}, out)
         worker.shutdown()
-    finally:
-        destroy_distributed()
 
 
 if __name__ == "__main__":

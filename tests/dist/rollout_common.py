@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from prism_megatron.testing.prompts import (  # noqa: F401 (the tests import them from here)
+    encoded_prompts, grid_image, prompt_specs)
+
 
 def sharpen_model(src: Path, dst: Path, factor: float = 10.0) -> Path:
     """Copy an HF dir with every 2-D weight multiplied by ``factor``."""
@@ -27,34 +30,6 @@ def sharpen_model(src: Path, dst: Path, factor: float = 10.0) -> Path:
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tmp.rename(dst)
     return dst
-
-
-def grid_image(cells):
-    from prism_megatron.data.synthetic import render_grid
-
-    return render_grid(tuple(tuple(r) for r in cells))
-
-
-def prompt_specs():
-    """(messages, images): one image, text only, system + two images; different lengths."""
-    a = grid_image([["red", "blue", "blank"], ["green", "green", "yellow"]])
-    b = grid_image([["red", "blue"], ["green", "yellow"]])
-    return [
-        ([{"role": "user", "content": [{"type": "image"},
-                                       {"type": "text", "text": "How many red cells?"}]}], [a]),
-        ([{"role": "user", "content": "Hello! What is two plus three? Think step by step, "
-                                      "then answer."}], []),
-        ([{"role": "system", "content": "Answer briefly."},
-          {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
-                                       {"type": "image"}]}], [b, a]),
-    ]
-
-
-def encoded_prompts(processor):
-    """``[(Encoded, images)]`` built with the project's one prompt builder."""
-    from prism_megatron.data.encode import encode_prompt
-
-    return [(encode_prompt(processor, m, imgs), imgs) for m, imgs in prompt_specs()]
 
 
 def hf_inputs(model, input_ids: torch.Tensor, enc) -> dict:
@@ -90,7 +65,8 @@ def fake_megatron_model(hf_dir: Path):
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from prism_megatron.convert.table import expand, get_family
+    from prism_megatron.convert.families import get_family
+    from prism_megatron.weights.table import expand
 
     config = AutoConfig.from_pretrained(str(hf_dir))
     family = get_family(config.model_type)

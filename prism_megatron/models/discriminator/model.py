@@ -29,6 +29,8 @@ from prism_megatron.models.discriminator.value_head import ValueHead
 from prism_megatron.models.qwen3_vl import config as qcfg
 from prism_megatron.models.qwen3_vl.model import Qwen3VLModel
 from prism_megatron.models.qwen3_vl.rope import rope_index_for_sample
+from prism_megatron.weights import ckpt_layout as lay
+from prism_megatron.weights.load import load_megatron_checkpoint
 
 INFO_FILE = "prism_discriminator.json"   # written by the upcycler next to hf_config/
 DISPATCHERS = ("alltoall", "allgather")
@@ -62,7 +64,7 @@ def check_moe_layout(num_experts: int, top_k: int, routing: str, *, tp: int, ep:
 
 
 def moe_config_fields(num_experts: int, top_k: int, moe_ffn_hidden_size: int, *, ep: int,
-                      dispatcher: str) -> dict:
+                      dispatcher: str, grouped_gemm: bool = False) -> dict:
     """TransformerConfig fields of the MoE layers. Routing as HF Qwen3-VL-MoE: fp32 softmax over
     the experts, top-k, renormalised (= softmax over the top-k logits, megatron's default
     post-softmax top-k); no shared expert; megatron's own aux loss off (see routing.py)."""
@@ -70,7 +72,7 @@ def moe_config_fields(num_experts: int, top_k: int, moe_ffn_hidden_size: int, *,
                 moe_ffn_hidden_size=moe_ffn_hidden_size, moe_router_score_function="softmax",
                 moe_router_pre_softmax=False, moe_router_dtype="fp32",
                 moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-                moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=False,
+                moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=grouped_gemm,
                 moe_permute_fusion=False, expert_model_parallel_size=ep)
 
 
@@ -162,8 +164,6 @@ class Qwen3VLDiscriminator(Qwen3VLModel):
 def read_info(megatron_dir: str | Path) -> tuple[object, dict]:
     """(dense HF Qwen3-VL config, MoE info dict) of a discriminator checkpoint directory (an
     upcycled one, or a warm-up save_dir, which carries copies of both)."""
-    from prism_megatron.convert import ckpt_layout as lay
-
     try:
         root = lay.checkpoint_root(lay.resolve_checkpoint_dir(megatron_dir))
     except Exception as exc:  # ConversionError: not a checkpoint directory
@@ -182,7 +182,8 @@ def build_discriminator_from_config(hf_config, *, num_experts: int, top_k: int,
                                     value_head_dropout: float = 0.0,
                                     spec: str = "local", dtype="fp32", recompute: bool = False,
                                     dispatcher: str = "alltoall", pp_layers=None,
-                                    padded_vocab_size: int | None = None):
+                                    padded_vocab_size: int | None = None,
+                                    grouped_gemm: bool = False):
     """This rank's discriminator stage for a dense Qwen3-VL HF config, at the initialised
     megatron parallel state. Returns ``(model, text TransformerConfig)``."""
     from megatron.core import parallel_state as ps
@@ -198,9 +199,13 @@ def build_discriminator_from_config(hf_config, *, num_experts: int, top_k: int,
         raise ConfigError("activation recompute with pp > 1 is not supported for the "
                           "discriminator: the routers' per-micro-batch inputs (segment type, "
                           "padding) would be stale when 1F1B recomputes an older micro-batch")
+    if grouped_gemm and spec != "transformer_engine":
+        raise ConfigError("discriminator.moe_grouped_gemm=true needs model.spec="
+                          "transformer_engine (TE's grouped GEMM, on GPU); the local spec runs "
+                          "the experts one after another: set discriminator.moe_grouped_gemm=false")
     hf = copy.deepcopy(hf_config)
     moe = moe_config_fields(num_experts, top_k, hf.text_config.intermediate_size, ep=ep,
-                            dispatcher=dispatcher)
+                            dispatcher=dispatcher, grouped_gemm=grouped_gemm)
     text_config = qcfg.text_transformer_config(hf, tp=tp, pp=pp, pp_layers=pp_layers, spec=spec,
                                                dtype=dtype, recompute=recompute, **moe)
     vision_config = qcfg.vision_transformer_config(hf, tp=tp, spec=spec, dtype=dtype,
@@ -229,13 +234,13 @@ def build_discriminator(megatron_dir: str | Path, disc_cfg, model_cfg=None, *,
         expert_routing=disc_cfg.expert_routing,
         value_head_dropout=disc_cfg.value_head_dropout if dropout is None else dropout,
         spec=spec, dtype=getattr(model_cfg, "dtype", "fp32") if model_cfg is not None else "fp32",
-        recompute=bool(getattr(model_cfg, "recompute", False)) if model_cfg is not None else False,
+        recompute=(getattr(model_cfg, "recompute_granularity", None) or "full")
+        if model_cfg is not None and getattr(model_cfg, "recompute", False) else False,
         dispatcher=getattr(disc_cfg, "dispatcher", "alltoall"),
-        padded_vocab_size=info.get("padded_vocab_size"))
+        padded_vocab_size=info.get("padded_vocab_size"),
+        grouped_gemm=bool(getattr(disc_cfg, "moe_grouped_gemm", False)))
 
 
 def load_discriminator(model: Qwen3VLDiscriminator, megatron_dir: str | Path) -> None:
     """Fill this rank's stage from a torch_dist discriminator checkpoint (any EP/DP/PP)."""
-    from prism_megatron.convert.load import load_megatron_checkpoint
-
     load_megatron_checkpoint(model, megatron_dir)

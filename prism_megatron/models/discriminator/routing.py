@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from prism_megatron.models.discriminator.segments import (  # noqa: F401 (re-exported)
+from prism_megatron.data.segments import (  # noqa: F401 (re-exported)
     CAPTION, REASONING, SEGMENT_NAMES)
 
 ROUTING_MODES = ("learned", "segment")

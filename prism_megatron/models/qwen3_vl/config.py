@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from prism_megatron.convert.errors import ConversionError
-from prism_megatron.convert.layout import padded_vocab_size, stage_layer_counts  # noqa: F401 (re-export)
+from prism_megatron.weights.errors import ConversionError
+from prism_megatron.weights.layout import padded_vocab_size, stage_layer_counts  # noqa: F401 (re-export)
 from prism_megatron.errors import PrismError
 
 SPECS = ("local", "transformer_engine")
@@ -170,7 +170,7 @@ def _dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _common(*, tp: int, spec: str, dtype, recompute: bool, init_std: float) -> dict:
+def _common(*, tp: int, spec: str, dtype, recompute: bool | str, init_std: float) -> dict:
     """Fields shared by both towers: precision, CPU-safe (unfused) kernels, recompute."""
     from megatron.core.transformer.enums import AttnBackend
 
@@ -187,10 +187,27 @@ def _common(*, tp: int, spec: str, dtype, recompute: bool, init_std: float) -> d
         attention_softmax_in_fp32=True,
         attention_backend=AttnBackend.local if spec == "local" else AttnBackend.auto,
     )
-    if recompute:
+    granularity = recompute_granularity(recompute)
+    if granularity == "full":
         common.update(recompute_granularity="full", recompute_method="uniform",
                       recompute_num_layers=1)
+    elif granularity == "selective":   # megatron's default module: core_attn
+        common.update(recompute_granularity="selective")
     return common
+
+
+RECOMPUTE = ("full", "selective")
+
+
+def recompute_granularity(recompute: bool | str | None) -> str | None:
+    """``True`` (the config's ``model.recompute``) means full; a string names the granularity."""
+    if not recompute:
+        return None
+    if recompute is True:
+        return "full"
+    if recompute not in RECOMPUTE:
+        raise Qwen3VLConfigError(f"recompute={recompute!r}: choose one of {RECOMPUTE}")
+    return recompute
 
 
 def _check_heads(label: str, heads: int, groups: int, tp: int) -> None:

@@ -8,9 +8,9 @@ first pipeline stage, the final norm and output layer on the last.
 
 from __future__ import annotations
 
-from prism_megatron.convert.rules import (
+from prism_megatron.weights.rules import (
     HeadLayout, column, gated_mlp, qkv, qkv_fused, replicated, row, row_bias, vocab)
-from prism_megatron.convert.table import Family, IndexSpec, ModelInfo
+from prism_megatron.weights.table import Family, IndexSpec, ModelInfo
 
 V = "model.visual"
 T = "model.language_model"

@@ -29,6 +29,8 @@ from prism_megatron.models.qwen3_vl import config as qcfg
 from prism_megatron.models.qwen3_vl.rope import InterleavedMRoPE, rope_index
 from prism_megatron.models.qwen3_vl.specs import get_backend, text_block_spec
 from prism_megatron.models.qwen3_vl.vision import Qwen3VLVisionModel
+from prism_megatron.weights.layout import vocab_padding
+from prism_megatron.weights.load import load_megatron_checkpoint
 
 
 def deepstack_levels(hf) -> int:
@@ -138,10 +140,9 @@ class Qwen3VLModel(MegatronModule):
         width = logits.shape[-1]
         start = 0 if width == self.padded_vocab_size else (
             parallel_state.get_tensor_model_parallel_rank() * width)
-        real = self.vocab_size - start
-        if real >= width:
+        padding = vocab_padding(start, width, self.vocab_size, logits.device)
+        if padding is None:
             return output
-        padding = torch.arange(width, device=logits.device) >= real
         return logits.masked_fill(padding, torch.finfo(logits.dtype).min), bias
 
     # ---- forward ----------------------------------------------------------------------------
@@ -250,7 +251,9 @@ def build_qwen3vl_model(source, parallel=None, *, spec: str | None = None, dtype
     spec = spec or _field(model_cfg, "spec", "local")
     dtype = dtype or _field(model_cfg, "dtype", "fp32")
     fp8 = fp8 or _field(model_cfg, "fp8")
-    recompute = bool(_field(model_cfg, "recompute", False) if recompute is None else recompute)
+    if recompute is None:   # model.recompute + model.recompute_granularity (full | selective)
+        recompute = (_field(model_cfg, "recompute_granularity", "full")
+                     if _field(model_cfg, "recompute", False) else False)
     freeze_vision = bool(_field(model_cfg, "freeze_vision", False) if freeze_vision is None
                          else freeze_vision)
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -303,6 +306,4 @@ def load_initial_weights(model: Qwen3VLModel, model_cfg) -> str:
         raise ValueError("model.megatron_dir is empty: convert the HF checkpoint first, e.g. "
                          "tools/convert_hf_to_megatron.py --hf-dir HF --out DIR --format torch_dist, "
                          "and set model.megatron_dir=DIR")
-    from prism_megatron.convert.load import load_megatron_checkpoint
-
     return load_megatron_checkpoint(model, megatron_dir)

@@ -1,0 +1,165 @@
+"""RL step costs on the tiny Qwen3-VL, side by side in one run (one process, CPU):
+
+1. the policy's log-prob pass + update on a long-tailed response-length mix (generated here:
+   most responses short, a few up to the maximum, as RL rollouts are), padded micro-batches
+   (``data.micro_batch_size`` sequences each) vs token-budget packing
+   (``data.max_tokens_per_micro_batch``): padding efficiency (real tokens / computed positions)
+   and seconds, with the packed/padded time ratio;
+2. the discriminator update of an alignment step: sequences forwarded per prompt and seconds,
+   teachers shared per prompt (what the stage runs) vs the per-pair formulation (the test
+   oracle).
+
+    python benchmarks/rl_step.py [--prompts 8] [--n 8] [--max-response 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def long_tailed_lengths(count: int, maximum: int, seed: int) -> list[int]:
+    """Mostly short responses, a tail up to ``maximum`` (a log-uniform mix)."""
+    rng = random.Random(seed)
+    return [max(4, min(maximum, int(8 * (maximum / 8) ** rng.random() ** 2))) for _ in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--n", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--max-response", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+
+    from prism_megatron.config import load_config
+    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+    from prism_megatron.convert.upcycle import upcycle
+    from prism_megatron.data.encode import load_processor
+    from prism_megatron.data.pairs import PairSample
+    from prism_megatron.data.rl import load_rl_prompts
+    from prism_megatron.data.segments import pair_segments, text_segments
+    from prism_megatron.data.synthetic import write_dataset
+    from prism_megatron.distributed import init_distributed
+    from prism_megatron.models.qwen3_vl.model import build_qwen3vl_model, load_initial_weights
+    from prism_megatron.rl import logprobs as lp
+    from prism_megatron.rl.batch import RolloutBatch, plan_micro_batches
+    from prism_megatron.rl.discriminator import (
+        Discriminator, online_loss_fn, pair_forward, plan_groups, plan_pairs)
+    from prism_megatron.rl.pair_stats import PairStats
+    from prism_megatron.rollout.base import Sample
+    from prism_megatron.testing.tiny import write_tiny_model
+    from prism_megatron.trainer import Trainer
+
+    torch.set_num_threads(2)
+    work = Path(tempfile.mkdtemp(prefix="bench-rl-"))
+    hf_dir = write_tiny_model(work / "model", preset="tiny", log=lambda *a: None)
+    write_dataset(work / "data", 0, {"sft_public": 0, "sft_teacher": 0, "align": args.prompts,
+                                     "rl": 0, "test": 0}, log=lambda *a: None)
+    convert_hf_to_megatron(hf_dir, work / "megatron", fmt="torch_dist", progress=False)
+    upcycle(hf_dir, work / "disc", noise_std=0.01, progress=False, log=lambda *a: None)
+    cfg = load_config(None, [f"model.hf_dir={hf_dir}", f"model.megatron_dir={work / 'megatron'}",
+                             f"discriminator.megatron_dir={work / 'disc'}",
+                             f"data.micro_batch_size={args.micro_batch}", "checkpoint.enabled=false",
+                             "algorithm.name=prism", f"rollout.n={args.n}"])
+    processor = load_processor(hf_dir)
+    tok = processor.tokenizer
+    prompts, _ = load_rl_prompts([str(work / "data" / "align.jsonl")], processor,
+                                 max_prompt_length=1024, require=("teacher_caption", "teacher_cot"),
+                                 progress=False)
+    init_distributed(seed=0)
+
+    # ---- 1. policy: padded vs packed micro-batches -------------------------------------
+    lengths = long_tailed_lengths(len(prompts) * args.n, args.max_response, seed=0)
+    rng = random.Random(1)
+    vocab = sorted(set(tok("count the red blue green cells in the grid then compare the totals "
+                           "and answer with the letter of the right option", add_special_tokens=False)
+                       ["input_ids"]))
+    groups = [[Sample([rng.choice(vocab) for _ in range(lengths[g * args.n + j])],
+                      [0.0] * lengths[g * args.n + j], "", "stop") for j in range(args.n)]
+              for g in range(len(prompts))]
+    batch = RolloutBatch.from_groups(prompts, groups)
+    batch.advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
+    model, tconfig = build_qwen3vl_model(cfg.model, cfg.parallel)
+    load_initial_weights(model, cfg.model)
+    trainer = Trainer(model, tconfig, cfg.optimizer, cfg.parallel, cfg.checkpoint, total_steps=100)
+    settings = lp.LossSettings.from_config(cfg.algorithm, 1.0)
+    prompt_tokens = sum(len(p.encoded.input_ids) for p in prompts) / len(prompts)
+    real_tokens = batch.tokens()
+    budget = 2 * max(len(batch.sequence(i).input_ids) for i in range(len(batch)))
+    print(f"policy: {len(batch)} sequences, prompt ~{prompt_tokens:.0f} tokens, responses "
+          f"{min(lengths)}..{max(lengths)} (median {statistics.median(lengths):.0f}) tokens")
+    results = {}
+    for name, max_tokens in (("padded", 0), ("packed", budget)):
+        micro = plan_micro_batches(batch, list(range(len(batch))),
+                                   micro_batch_size=args.micro_batch, pad_id=tok.pad_token_id,
+                                   hf_config=model.hf_config, dp_rank=0, dp_size=1,
+                                   max_tokens=max_tokens)
+        real, computed = micro.efficiency()
+
+        def step(micro=micro):
+            lp.compute_log_probs(trainer.model, micro)
+            lp.update(trainer, micro, settings)
+
+        seconds = timed(step, args.repeats)
+        results[name] = seconds
+        print(f"  {name:7s} micro-batches {len(micro.batches):3d} x {micro.batches[0]['input_ids'].shape}"
+              f"  padding efficiency {real / computed:.3f}  log-prob + update {seconds:.2f} s"
+              + (f"  (budget {max_tokens} tokens)" if max_tokens else ""))
+    assert real == real_tokens
+    print(f"  time packed / padded: {results['packed'] / results['padded']:.2f}")
+
+    # ---- 2. discriminator update: shared teachers vs per pair ---------------------------
+    del trainer, model
+    disc = Discriminator.for_alignment(cfg, total_steps=100, pad_id=tok.pad_token_id)
+    disc.load_initial()
+    text = "<caption>a grid of cells</caption>\n<think>count them</think>\n<answer>{a}</answer>"
+    pairs, group = [], []
+    for g, p in enumerate(prompts):
+        teacher = pair_segments(p.teacher["teacher_caption"], p.teacher["teacher_cot"], tok, p.answer)
+        for j in range(args.n):
+            pairs.append(PairSample(f"{g}-{j}", p.encoded, teacher,
+                                    text_segments(text.format(a=p.answer), tok)))
+            group.append(g)
+    d = cfg.discriminator
+    per_pair = plan_pairs(pairs, list(range(len(pairs))), dp_rank=0, dp_size=1,
+                          micro=args.micro_batch, pad_id=tok.pad_token_id,
+                          position_fn=disc.position_fn)
+    shared = plan_groups(pairs, group, dp_rank=0, dp_size=1,
+                         groups_per_micro=max(1, args.micro_batch // args.n),
+                         pad_id=tok.pad_token_id, position_fn=disc.position_fn)
+    for name, plan in (("per-pair", per_pair), ("shared", shared)):
+        rows = sum(b["input_ids"].shape[0] for b in plan.batches)
+        seconds = timed(lambda: disc.trainer.train_step(plan.batches, pair_forward(
+            lambda b: online_loss_fn(b, PairStats(), d.score_reg, d.score_clip)), plan.seq_length),
+            args.repeats)
+        results[name] = seconds
+        print(f"discriminator {name:8s}: {rows / len(prompts):.0f} sequences per prompt "
+              f"(n = {args.n}), update {seconds:.2f} s")
+    print(f"  time shared / per-pair: {results['shared'] / results['per-pair']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
