@@ -35,7 +35,8 @@ def test_gpu_check_cpu_sequence(tmp_path):
     assert checks["bf16_vs_fp8_step"]["fp8"].startswith("skipped on --cpu")
     assert checks["bf16_vs_fp8_step"]["abs_diff"] < 0.05
     packed = checks["packed_vs_unpacked"]
-    assert max(packed["rel_diff"]) < 1e-5 and len(packed["packed_loss_sums"]) == 2
+    assert max(packed["rel_diff"]) < 1e-5 and len(packed["packed_loss_sums"]) == 3
+    assert packed["layout"] == "mask" and packed["thd"].startswith("skipped on --cpu: THD")
     moe = checks["moe_discriminator"]
     assert moe["sequential"]["grads_finite"] is True
     assert moe["grouped_gemm"] == "skipped on --cpu: TE grouped GEMM needs a GPU"

@@ -117,10 +117,10 @@ def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     padding (megatron's convention for an arbitrary attention mask)."""
     seq = segment_ids.shape[1]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
     allowed = same & causal & (segment_ids[:, :, None] > 0)
     # Padding rows attend to themselves only, so softmax never sees an all-masked row.
-    allowed |= torch.eye(seq, dtype=torch.bool)
+    allowed |= torch.eye(seq, dtype=torch.bool, device=segment_ids.device)
     return ~allowed[:, None]
 
 

@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 from prism_megatron.algorithms.losses import (
     aggregate, aggregation_denominator, kl_penalty, policy_loss, tis_weights)
-from prism_megatron.data.collate import segment_attention_mask
 from prism_megatron.models import unwrap_model
 from prism_megatron.rl.batch import MicroBatches, unpacked
 from prism_megatron.schedule import forward_only
@@ -30,7 +29,7 @@ RATIO_LEVEL = {"grpo": "token", "dapo": "token", "prism": "token", "gspo": "sequ
 def policy_forward(batch: dict, model) -> torch.Tensor:
     """Logits (last pipeline stage, vocabulary-sharded over TP) or hidden states."""
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                 attention_mask=segment_attention_mask(batch["segment_ids"]),
+                 segment_ids=batch["segment_ids"],
                  pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
                  image_mask=batch["image_mask"])
 

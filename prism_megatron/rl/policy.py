@@ -50,10 +50,6 @@ def check_rl_config(cfg, algorithms: tuple[str, ...]) -> None:
     if a.prompts_per_step < 1 or a.ppo_epochs < 1 or a.mini_batch_prompts < 0:
         raise ConfigError("algorithm.prompts_per_step and ppo_epochs must be >= 1 and "
                           "mini_batch_prompts >= 0")
-    if cfg.data.max_tokens_per_micro_batch and cfg.model.spec == "transformer_engine":
-        raise ConfigError("data.max_tokens_per_micro_batch packs sequences with a block attention "
-                          "mask, which Transformer Engine's causal layers ignore (samples would "
-                          "attend to each other): use model.spec=local, or 0 (padded micro-batches)")
     for key in ("model.hf_dir", "model.megatron_dir"):
         section, name = key.split(".")
         if not getattr(getattr(cfg, section), name):

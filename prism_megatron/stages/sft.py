@@ -17,7 +17,6 @@ import logging
 from functools import partial
 
 from prism_megatron.config import PrismConfig
-from prism_megatron.data.collate import segment_attention_mask
 from prism_megatron.data.rows import row_sources
 from prism_megatron.data.sampler import ResumableSampler
 from prism_megatron.data.sft import (SKIP_CHECK_MIN_ROWS, EncodeLimits, SFTDataset, SkipMonitor,
@@ -42,7 +41,7 @@ def step_micro_batches(shard: StepShard, *, micro_batch_size: int, pad_id: int,
 def sft_forward(batch: dict, model):
     """Megatron forward step: per-token LM loss on the response tokens."""
     output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=segment_attention_mask(batch["segment_ids"]),
+                   segment_ids=batch["segment_ids"],
                    labels=batch["labels"].clamp(min=0), pixel_values=batch.get("pixel_values"),
                    image_grid_thw=batch.get("image_grid_thw"))
     return output, token_loss_fn(batch["loss_mask"])

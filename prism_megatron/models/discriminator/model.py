@@ -148,6 +148,10 @@ class Qwen3VLDiscriminator(Qwen3VLModel):
         # Kept until the next forward: an activation-recompute pass in this micro-batch's
         # backward must route exactly as the forward did (hence no recompute with pp > 1).
         self.routing_context.set_batch(kind.to(input_ids.device), valid_tokens.to(input_ids.device))
+        if self.spec != "local" and attention_mask is not None and attention_mask.dim() == 4:
+            # One right-padded sequence per row (collate_sequences): causal attention alone keeps
+            # valid tokens off padding and other rows, and TE's causal layers take no mask.
+            attention_mask = None
         try:
             output = super().forward(input_ids, position_ids, attention_mask, pixel_values,
                                      image_grid_thw)

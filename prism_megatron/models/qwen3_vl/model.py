@@ -25,6 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.spec_utils import build_module
 
+from prism_megatron.data import packing
 from prism_megatron.models.qwen3_vl import config as qcfg
 from prism_megatron.models.qwen3_vl.rope import InterleavedMRoPE, rope_index
 from prism_megatron.models.qwen3_vl.specs import get_backend, text_block_spec
@@ -77,6 +78,8 @@ class Qwen3VLModel(MegatronModule):
         get_backend(spec)  # fails early, with the install hint, when TE is missing
         self.hf_config = hf_config
         self.spec = spec
+        # How packed samples are kept apart (data/packing.py): THD on TE, the block mask locally.
+        self.packed_layout = packing.layout_for_spec(spec)
         self.pre_process, self.post_process = pre_process, post_process
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.image_token_id = hf_config.image_token_id
@@ -185,13 +188,24 @@ class Qwen3VLModel(MegatronModule):
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
                 image_grid_thw: Tensor | None = None, labels: Tensor | None = None, *,
-                image_mask: Tensor | None = None, packed_seq_params=None,
-                runtime_gather_output: bool | None = None) -> Tensor:
+                image_mask: Tensor | None = None, segment_ids: Tensor | None = None,
+                packed_seq_params=None, runtime_gather_output: bool | None = None) -> Tensor:
         """``attention_mask``: None (causal), HF-style ``[B, S]`` padding mask, or megatron's
-        ``[B, 1, S, S]`` bool (True = masked). ``position_ids`` ``[3, B, S]``; computed from the
-        ids, image grids and 2-D mask when None. ``image_mask`` ``[B, S]``: where the image
-        features go when not every image-pad id is a prompt image (sampled responses may contain
-        one; generation embeds it as a plain token)."""
+        ``[B, 1, S, S]`` bool (True = masked; local spec only). ``segment_ids`` ``[B, S]`` (1..
+        per packed sample, 0 = padding; instead of a mask): samples attend only within
+        themselves, through the layout the spec honours (data/packing.py: THD on TE, the block
+        mask locally); outputs keep the ``[B, S]`` layout. ``position_ids`` ``[3, B, S]``;
+        computed from the ids, image grids and 2-D mask when None. ``image_mask`` ``[B, S]``:
+        where the image features go when not every image-pad id is a prompt image (sampled
+        responses may contain one; generation embeds it as a plain token)."""
+        if packed_seq_params is not None and self.spec == "local":
+            raise ValueError("packed_seq_params (THD) needs model.spec=transformer_engine: the "
+                             "local spec's DotProductAttention cannot run THD; pass segment_ids "
+                             "(block mask) instead")
+        if attention_mask is not None and attention_mask.dim() == 4 and self.spec != "local":
+            raise ValueError("Transformer Engine's causal layers ignore an explicit [B, 1, S, S] "
+                             "attention mask (packed samples would attend to each other): pass "
+                             "segment_ids, which run as THD packed sequences")
         mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
             position_ids = rope_index(self.hf_config, input_ids, image_grid_thw, mask_2d)[0]
@@ -199,6 +213,19 @@ class Qwen3VLModel(MegatronModule):
             raise ValueError(f"position_ids must be [3, B, S] (M-RoPE), got {tuple(position_ids.shape)}")
         if mask_2d is not None:
             attention_mask = causal_padding_mask(mask_2d)
+        rows = None                      # THD: the [B, S] shape the outputs go back to
+        if segment_ids is not None:
+            if attention_mask is not None or packed_seq_params is not None:
+                raise ValueError("pass segment_ids or attention_mask / packed_seq_params, not both")
+            if self.packed_layout == "mask":
+                attention_mask = packing.segment_attention_mask(segment_ids)
+            else:
+                rows = tuple(segment_ids.shape)
+                packed_seq_params = packing.thd_params(segment_ids)
+                input_ids, position_ids = (packing.flatten_rows(input_ids),
+                                           packing.flatten_rows(position_ids, 1))
+                labels = packing.flatten_rows(labels) if labels is not None else None
+                image_mask = packing.flatten_rows(image_mask) if image_mask is not None else None
 
         decoder_input = context = None
         if self.pre_process:
@@ -207,7 +234,10 @@ class Qwen3VLModel(MegatronModule):
             if self.carry_deepstack and context is None:
                 context = decoder_input.new_zeros(self.deepstack_levels, *decoder_input.shape)
         else:
-            hidden, context = self._unpack(self._input_tensor)
+            received = self._input_tensor
+            if rows is not None:         # stages exchange [S, B, X] whatever the layout
+                received = packing.sbh_to_thd(received)
+            hidden, context = self._unpack(received)
             self.language_model.set_input_tensor(hidden)
 
         if labels is not None:
@@ -217,7 +247,11 @@ class Qwen3VLModel(MegatronModule):
             packed_seq_params=packed_seq_params, runtime_gather_output=runtime_gather_output,
             extra_block_kwargs={"context": context} if context is not None else None)
         if not self.post_process:
-            return self._pack(output, context)
+            output = self._pack(output, context)
+        if not self.post_process or not self.language_model.post_process:   # hidden states
+            return packing.thd_to_sbh(output, rows[0]) if rows is not None else output
+        if rows is not None:             # [1, B * S, ...] -> [B, S, ...]
+            output = output.reshape(*rows, *output.shape[2:])
         if labels is None and output.shape[-1] == self.padded_vocab_size:
             output = output[..., :self.vocab_size]
         return output
