@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patches import (cpu_rng, cpu_torch, cuda_type_checks, missing_te_symbols,
-                              moe_cpu_alltoall_splits, tied_embedding_cpu, torch_adam_step)
+from megatron_patches import (cpu_rng, cpu_torch, cuda_type_checks, gloo_uneven_collectives,
+                              missing_te_symbols, moe_cpu_alltoall_splits, tied_embedding_cpu,
+                              torch_adam_step, torch_norm_sequence_parallel)
 
 MEGATRON_CORE_VERSION = "0.16.1"
 
@@ -74,6 +75,8 @@ PATCHES = [
     torch_adam_step.copy_only_checkpointed_adam_state,
     moe_cpu_alltoall_splits.split_sizes_as_numpy_on_cpu,
     tied_embedding_cpu.place_tied_embedding_copy_on_current_device,
+    torch_norm_sequence_parallel.allow_torch_norms_under_sequence_parallel,
+    gloo_uneven_collectives.uneven_first_dim_collectives_on_gloo,
 ]
 
 _applied = False

@@ -203,7 +203,6 @@ def test_scorer_reads_closing_tags_and_zeroes_invalid_responses(assets):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(num_experts=4, top_k=2, routing="segment", tp=2, ep=1), "sequence parallelism"),
     (dict(num_experts=4, top_k=2, routing="learned", tp=1, ep=3), "ep=3 must divide"),
     (dict(num_experts=3, top_k=1, routing="segment", tp=1, ep=1), "must be even"),
     (dict(num_experts=4, top_k=3, routing="segment", tp=1, ep=1), "top_k=3 must be <= "),

@@ -28,7 +28,7 @@ def setup(args, ep: int):
     from prism_megatron.data.pairs import load_pairs
 
     if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() != ep:
-        init_distributed(tp=1, pp=1, ep=ep, seed=0)
+        init_distributed(tp=args.tp, pp=1, ep=ep, seed=0)
     processor = load_processor(args.hf)
     pairs, _ = load_pairs([args.pairs], processor)
     return processor, pairs[:4]
@@ -63,9 +63,10 @@ def run_ep(args):
     processor, pairs = setup(args, args.ep)
     seqs = [s for p in pairs for s in pair_sequences(p.prompt, p.teacher, p.student).values()]
     halves = [seqs[:8], seqs[8:]]
-    length = max(len(s.input_ids) for s in seqs) + 3   # some padding in every row
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = [0, 1] if world == 1 else [rank]
+    # some padding in every row; a multiple of 4 so that TP2/TP4 sequence parallelism splits it
+    length = -(-(max(len(s.input_ids) for s in seqs) + 3) // 4) * 4
+    rank, dp = dist.get_rank(), ps.get_data_parallel_world_size()
+    mine = [0, 1] if dp == 1 else [ps.get_data_parallel_rank()]
     weights = torch.linspace(-1.0, 1.5, 16).view(2, 8)
     result = {}
     for variant in ("learned", "segment", "learned-allgather"):
@@ -91,10 +92,46 @@ def run_ep(args):
             grad = param.grad.detach().clone()
             if "local_experts" not in name:
                 dist.all_reduce(grad, group=ps.get_data_parallel_group())
-            grads[global_name(name, ps.get_expert_model_parallel_rank(), local_experts)] = grad
+            grads[global_name(name, ps.get_expert_model_parallel_rank(), local_experts)] = (
+                tp_full_grad(name, param, grad, config))
         result[variant] = {"scores": torch.cat(scores), "grads": grads,
-                           "load": model.take_load()}
+                           "load": tp_summed(model.take_load()),
+                           "dp_rank": ps.get_data_parallel_rank(),
+                           "tp_rank": ps.get_tensor_model_parallel_rank()}
     torch.save(result, f"{args.out}.rank{rank}.pt")
+
+
+def tp_full_grad(name, param, grad, config):
+    """The TP1 gradient of ``param`` from this rank's: partial sums of the sequence-parallel
+    norms / routers and the q/k norms all-reduced over TP (megatron's finalize_model_grads),
+    tensor-parallel shards gathered (SwiGLU fc1 shards hold [gate_r; up_r])."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return grad
+    if getattr(param, "sequence_parallel", False) or "q_layernorm" in name or "k_layernorm" in name:
+        dist.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
+    if not getattr(param, "tensor_model_parallel", False):
+        return grad
+    expert = "local_experts" in name
+    group = (ps.get_expert_tensor_parallel_group() if expert
+             else ps.get_tensor_model_parallel_group())
+    shards = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, grad.contiguous(), group=group)
+    dim = param.partition_dim
+    if "linear_fc1" in name and name.startswith("language_model") and config.gated_linear_unit:
+        halves = [s.chunk(2, dim=dim) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(shards, dim=dim)
+
+
+def tp_summed(load):
+    """Expert load: with sequence parallelism each TP rank routed its own slice of the tokens."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(load, group=ps.get_tensor_model_parallel_group())
+    return load
 
 
 def run_nodeadlock(args):
@@ -116,7 +153,7 @@ def run_nodeadlock(args):
     model, config = build(args, "learned")
     model.set_aux_loss(0.01)
     trainer = Trainer(model, config, OptimizerConfig(lr=1e-4, warmup_ratio=0.0),
-                      ParallelConfig(ep=args.ep), CheckpointConfig(), total_steps=4)
+                      ParallelConfig(tp=args.tp, ep=args.ep), CheckpointConfig(), total_steps=4)
     out = {"rank": dist.get_rank()}
     for name, case in cases.items():
         plan = plan_pairs(case, [0, 1, 2, 3], dp_rank=ps.get_data_parallel_rank(),
@@ -141,6 +178,7 @@ def main():
     parser.add_argument("--hf", required=True)
     parser.add_argument("--pairs", required=True)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     from prism_megatron.distributed import destroy_distributed

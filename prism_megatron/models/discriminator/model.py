@@ -56,11 +56,6 @@ def check_moe_layout(num_experts: int, top_k: int, routing: str, *, tp: int, ep:
                               f"top_k={top_k} must be <= num_experts/2 = {num_experts // 2}")
     if ep < 1 or num_experts % ep:
         raise ConfigError(f"expert parallel size ep={ep} must divide num_experts={num_experts}")
-    if tp > 1:
-        raise ConfigError(
-            f"tensor parallel size tp={tp}: megatron's MoE layers need sequence parallelism with "
-            f"tensor parallelism, which the Qwen3-VL model does not support yet (and the local "
-            f"spec's torch norms refuse); scale the discriminator with ep/dp (and pp) instead")
 
 
 def moe_config_fields(num_experts: int, top_k: int, moe_ffn_hidden_size: int, *, ep: int,
@@ -210,8 +205,11 @@ def build_discriminator_from_config(hf_config, *, num_experts: int, top_k: int,
     hf = copy.deepcopy(hf_config)
     moe = moe_config_fields(num_experts, top_k, hf.text_config.intermediate_size, ep=ep,
                             dispatcher=dispatcher, grouped_gemm=grouped_gemm)
+    # megatron's MoE layers need sequence parallelism with TP (the text decoder runs it; the
+    # vision tower does not); the experts are tensor-parallel over the same ranks (ETP = TP).
     text_config = qcfg.text_transformer_config(hf, tp=tp, pp=pp, pp_layers=pp_layers, spec=spec,
-                                               dtype=dtype, recompute=recompute, **moe)
+                                               dtype=dtype, recompute=recompute,
+                                               sequence_parallel=tp > 1, **moe)
     vision_config = qcfg.vision_transformer_config(hf, tp=tp, spec=spec, dtype=dtype,
                                                    recompute=recompute)
     model = Qwen3VLDiscriminator(

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.moe.router import TopKRouter
 
 from prism_megatron.data.segments import (  # noqa: F401 (re-exported)
@@ -55,7 +56,8 @@ class _AttachAux(torch.autograd.Function):
 
 
 def switch_aux_loss(scores: torch.Tensor, routing_map: torch.Tensor, segment: torch.Tensor,
-                    valid: torch.Tensor, allowed: torch.Tensor, topk: int) -> torch.Tensor:
+                    valid: torch.Tensor, allowed: torch.Tensor, topk: int,
+                    sequence_group=None) -> torch.Tensor:
     """Switch-Transformer load balancing over the valid (non-padding) tokens.
 
     Tokens are grouped by the expert set they may use (one group in ``learned`` mode: the plain
@@ -63,17 +65,25 @@ def switch_aux_loss(scores: torch.Tensor, routing_map: torch.Tensor, segment: to
     ``aux_G = |A| * sum_{e in A} f_e P_e``, f_e the fraction of the group's |G|*topk routing slots
     given to e, P_e the group's mean router probability of e; ``aux = sum_G |G| aux_G / sum |G|``.
     1 at perfect balance in both modes. scores/routing_map: [T, E]; segment, valid: [T].
+    ``sequence_group``: with sequence parallelism each TP rank routes a slice of the tokens; the
+    counts and probability sums are summed over the group (backward: this rank's share), so every
+    rank gets the loss of the whole micro-batch, as without it.
     """
-    total = valid.sum().clamp(min=1)
+    def across(x: torch.Tensor) -> torch.Tensor:
+        if sequence_group is None:
+            return x
+        return reduce_from_tensor_model_parallel_region(x, group=sequence_group)
+
+    total = across(valid.sum()).clamp(min=1)
     aux = scores.new_zeros(())
     for experts in torch.unique(allowed, dim=0):
         kinds = [g for g in range(allowed.shape[0]) if torch.equal(allowed[g], experts)]
         tokens = valid & torch.isin(segment, torch.tensor(kinds, device=segment.device))
-        n = tokens.sum()
+        n = across(tokens.sum())
         if n == 0:
             continue
-        f = routing_map[tokens][:, experts].float().sum(0) / (n * topk)
-        p = scores[tokens][:, experts].sum(0) / n
+        f = across(routing_map[tokens][:, experts].float().sum(0)) / (n * topk)
+        p = across(scores[tokens][:, experts].sum(0)) / n
         aux = aux + (n / total) * experts.sum() * (f * p).sum()
     return aux
 
@@ -155,7 +165,8 @@ class SegmentRouter(TopKRouter):
         if ctx.aux_scale and self.training:
             scores = torch.softmax(flat.float(), dim=-1)
             aux = switch_aux_loss(scores, routing_map, segment, valid,
-                                  ctx.allowed.to(logits.device), self.topk)
+                                  ctx.allowed.to(logits.device), self.topk,
+                                  self.tp_group if self.config.sequence_parallel else None)
             ctx.aux[self.layer_number] = aux.detach()
             if torch.is_grad_enabled():  # (an activation-recompute first pass runs without grad)
                 probs = _AttachAux.apply(probs, aux, ctx.aux_scale)

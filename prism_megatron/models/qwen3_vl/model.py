@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
@@ -69,9 +69,8 @@ class Qwen3VLModel(MegatronModule):
         text = hf_config.text_config
         tp = parallel_state.get_tensor_model_parallel_world_size()
         pp = text_config.pipeline_model_parallel_size
-        if text_config.sequence_parallel or text_config.context_parallel_size > 1:
-            raise NotImplementedError("sequence and context parallelism are not supported for "
-                                      "Qwen3-VL yet")
+        if text_config.context_parallel_size > 1:
+            raise NotImplementedError("context parallelism is not supported for Qwen3-VL yet")
         if text_config.virtual_pipeline_model_parallel_size:
             raise NotImplementedError("virtual (interleaved) pipeline stages are not supported "
                                       "for Qwen3-VL yet")
@@ -101,7 +100,9 @@ class Qwen3VLModel(MegatronModule):
             parallel_output=parallel_output,
             share_embeddings_and_output_weights=lm_head and qcfg.tie_word_embeddings(hf_config),
             position_embedding_type="mrope",
-            rotary_base=qcfg.rope_theta(hf_config))
+            rotary_base=qcfg.rope_theta(hf_config),
+            # Sequence parallelism: the image features go in before the scatter (_embed).
+            scatter_embedding_sequence_parallel=False)
         # Megatron's mrope lays Qwen2-VL's contiguous sections out; Qwen3-VL interleaves them.
         self.language_model.rotary_pos_emb = InterleavedMRoPE(
             text_config.kv_channels, qcfg.rope_theta(hf_config), text_config.mrope_section)
@@ -157,7 +158,7 @@ class Qwen3VLModel(MegatronModule):
         ``[K, S, B, H]`` (zero elsewhere; None without images)."""
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         if pixel_values is None:
-            return embeds, None
+            return self._scatter_sequence(embeds), None
         image_embeds, deepstack = self.vision_model(pixel_values, image_grid_thw)
         if image_mask is None:
             image_mask = input_ids == self.image_token_id
@@ -171,7 +172,21 @@ class Qwen3VLModel(MegatronModule):
         levels = [torch.zeros_like(embeds).masked_scatter(image_mask, f.to(dtype))
                   for f in deepstack[:self.deepstack_levels]]
         context = torch.stack(levels).transpose(1, 2) if levels else None
-        return embeds.transpose(0, 1).contiguous(), context
+        if context is not None and self.config.sequence_parallel:   # [K, S, B, H]: split S
+            context = self._scatter_sequence(context.transpose(0, 1)).transpose(0, 1)
+        return self._scatter_sequence(embeds.transpose(0, 1).contiguous()), context
+
+    def _scatter_sequence(self, x: Tensor) -> Tensor:
+        """Sequence parallelism: this TP rank's contiguous S/tp slice of ``[S, ...]`` (the
+        vision tower and the embedding are replicated over TP, so backward gathers)."""
+        if not self.config.sequence_parallel:
+            return x
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if x.shape[0] % tp:
+            raise ValueError(f"sequence parallelism splits the sequence over tp={tp} ranks: "
+                             f"the micro-batch's {x.shape[0]} positions must be a multiple of it "
+                             f"(pad the sequence length)")
+        return tensor_parallel.scatter_to_sequence_parallel_region(x).contiguous()
 
     def _pack(self, hidden: Tensor, context: Tensor | None) -> Tensor:
         if not self.carry_deepstack:
@@ -248,6 +263,11 @@ class Qwen3VLModel(MegatronModule):
             extra_block_kwargs={"context": context} if context is not None else None)
         if not self.post_process:
             output = self._pack(output, context)
+        elif not self.language_model.post_process and self.config.sequence_parallel:
+            # final-norm hidden states of the last stage: the whole sequence on every TP rank
+            # (what follows them is replicated over TP, so backward keeps this rank's slice)
+            output = tensor_parallel.gather_from_sequence_parallel_region(
+                output, tensor_parallel_output_grad=False)
         if not self.post_process or not self.language_model.post_process:   # hidden states
             return packing.thd_to_sbh(output, rows[0]) if rows is not None else output
         if rows is not None:             # [1, B * S, ...] -> [B, S, ...]
