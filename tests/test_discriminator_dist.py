@@ -65,8 +65,8 @@ def test_rank_without_valid_pairs_does_not_deadlock(dist_assets):
 
 @pytest.fixture(scope="module")
 def tp_assets(dist_assets, tiny_model_dir):
-    """TP2 (2 processes, DP1) and TP2 x EP2 (4 processes, DP2) beside the EP1/EP2 runs; the 4-process
-    run also takes the two warm-up Trainer steps of ``nodeadlock``."""
+    """TP2 (2 processes, DP1) and TP2 x EP2 (4 processes, DP2) beside the EP1/EP2 runs; the
+    4-process run also takes the two warm-up Trainer steps of ``nodeadlock``."""
     root, _ = dist_assets
     args = ["--ckpt", root / "disc", "--hf", tiny_model_dir, "--pairs", root / "pairs" /
             "pairs_heldout.jsonl"]

@@ -166,6 +166,14 @@ class TorchTHDAttention(torch.nn.Module):
         return torch.cat(out).reshape(cu[-1], -1)
 
 
+def swap_attention(model, attentions):
+    layers = [layer.self_attention for layer in model.language_model.decoder.layers]
+    local = [attention.core_attention for attention in layers]
+    for attention, reference in zip(layers, attentions):
+        attention.core_attention = reference
+    return lambda: [setattr(a, "core_attention", core) for a, core in zip(layers, local)]
+
+
 def per_sample_losses(model, batch, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         return model(batch["input_ids"], batch["position_ids"],
@@ -196,18 +204,15 @@ def sample_losses(loss, batch, rows) -> dict[int, torch.Tensor]:
 def test_packed_losses_equal_unpacked_per_sample(model, samples, layout, monkeypatch):
     want = unpacked_losses(model, samples)
     batch, rows = packed_batch(model, samples)
-    layers = [layer.self_attention for layer in model.language_model.decoder.layers]
-    local = [attention.core_attention for attention in layers]
-    attentions = [TorchTHDAttention() for _ in layers] if layout == "thd" else []
+    attentions = ([TorchTHDAttention() for _ in model.language_model.decoder.layers]
+                  if layout == "thd" else [])
     if layout == "thd":
         monkeypatch.setattr(model, "packed_layout", "thd")
+    restore = swap_attention(model, attentions)
     try:
-        for attention, reference in zip(layers, attentions):
-            attention.core_attention = reference
         loss = per_sample_losses(model, batch, segment_ids=batch["segment_ids"])
     finally:
-        for attention, core in zip(layers, local):
-            attention.core_attention = core
+        restore()
     assert loss.shape == batch["input_ids"].shape                # [B, S] whatever the layout
     got = sample_losses(loss, batch, rows)
     for index, expected in enumerate(want):
@@ -215,6 +220,32 @@ def test_packed_losses_equal_unpacked_per_sample(model, samples, layout, monkeyp
         assert torch.allclose(got[index], expected, atol=TOL, rtol=0), (
             layout, index, (got[index] - expected).abs().max())
     assert [a.calls for a in attentions] == [1] * len(attentions)
+
+
+def test_hf_padding_mask_runs_as_thd_sequences(model, samples, monkeypatch):
+    """A left-padded batch with an HF ``[B, S]`` mask (the padding and the tokens of each row are
+    two THD sequences) gives the local spec's masked logits at every real token."""
+    a, c = samples[0], samples[2]
+    width = len(c.input_ids)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    ids[0, width - len(a.input_ids):], mask[0, width - len(a.input_ids):] = a.input_ids, 1
+    ids[1], mask[1] = c.input_ids, 1
+    inputs = dict(attention_mask=mask, pixel_values=torch.cat([a.pixel_values, c.pixel_values]),
+                  image_grid_thw=torch.cat([a.image_grid_thw, c.image_grid_thw]))
+    with torch.no_grad():
+        want = model(ids, **inputs)
+        monkeypatch.setattr(model, "packed_layout", "thd")
+        restore = swap_attention(model, [TorchTHDAttention()
+                                         for _ in model.language_model.decoder.layers])
+        try:
+            got = model(ids, **inputs)
+        finally:
+            restore()
+    real = mask.bool()
+    assert got.shape == want.shape
+    assert torch.allclose(got[real], want[real], atol=1e-4, rtol=0), (
+        (got[real] - want[real]).abs().max())
 
 
 def test_packing_sft_batches_keeps_capacity_rows(model, samples):

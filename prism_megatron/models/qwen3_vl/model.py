@@ -226,7 +226,10 @@ class Qwen3VLModel(MegatronModule):
             position_ids = rope_index(self.hf_config, input_ids, image_grid_thw, mask_2d)[0]
         if position_ids.dim() != 3 or position_ids.shape[0] != 3:
             raise ValueError(f"position_ids must be [3, B, S] (M-RoPE), got {tuple(position_ids.shape)}")
-        if mask_2d is not None:
+        if mask_2d is not None and self.packed_layout == "thd" and segment_ids is None:
+            # TE takes no dense mask: the (left- or right-) padded rows run as THD sequences.
+            segment_ids, attention_mask = mask_2d.long(), None
+        elif mask_2d is not None:
             attention_mask = causal_padding_mask(mask_2d)
         rows = None                      # THD: the [B, S] shape the outputs go back to
         if segment_ids is not None:
@@ -235,6 +238,10 @@ class Qwen3VLModel(MegatronModule):
             if self.packed_layout == "mask":
                 attention_mask = packing.segment_attention_mask(segment_ids)
             else:
+                if self.config.sequence_parallel:
+                    raise NotImplementedError("THD packed sequences with sequence parallelism "
+                                              "are not supported yet (stage boundaries would "
+                                              "carry sequence slices of the flattened rows)")
                 rows = tuple(segment_ids.shape)
                 packed_seq_params = packing.thd_params(segment_ids)
                 input_ids, position_ids = (packing.flatten_rows(input_ids),
