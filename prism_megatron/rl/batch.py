@@ -3,7 +3,7 @@
 A ``RolloutBatch`` is built once, after generation, and gains fields as the step flows (the same
 type in RLVR and alignment):
 
-    generate     prompts, samples, group                 (rollout log-probs are in the samples)
+    generate     prompts, samples, group, behaviour_step (rollout log-probs are in the samples)
     reward       rewards, accuracy, format_ok            (RLVR: rule rewards, spec §5)
       or score   caption, reasoning, valid, segments     (alignment: discriminator, spec §3.3)
     advantages   advantages                              (group-normalised, spec §4 / §6)
@@ -40,6 +40,9 @@ class RolloutBatch:
     valid: torch.Tensor | None = None        # [N] bool, format-valid for the discriminator
     segments: list[Any] = field(default_factory=list)   # data.segments.SegmentIds per sample
     advantages: torch.Tensor | None = None   # [N] per-response advantage
+    # [N] the policy version that generated each sample: the number of trained steps of the
+    # weights the engine held (one-step-off-policy: the trained step's version - 1)
+    behaviour_step: torch.Tensor | None = None
 
     @classmethod
     def from_groups(cls, prompts: list, groups: list[list]) -> "RolloutBatch":
@@ -70,7 +73,8 @@ class RolloutBatch:
         return RolloutBatch([self.prompts[g] for g in keep], [self.samples[i] for i in rows],
                             new_group, **{name: take(getattr(self, name)) for name in
                                           ("rewards", "accuracy", "format_ok", "caption",
-                                           "reasoning", "valid", "segments", "advantages")})
+                                           "reasoning", "valid", "segments", "advantages",
+                                           "behaviour_step")})
 
     @staticmethod
     def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
@@ -82,7 +86,7 @@ class RolloutBatch:
             out.samples += b.samples
             out.group += [g + offset for g in b.group]
         for name in ("rewards", "accuracy", "format_ok", "caption", "reasoning", "valid",
-                     "advantages"):
+                     "advantages", "behaviour_step"):
             parts = [getattr(b, name) for b in batches]
             if parts and all(p is not None for p in parts):
                 setattr(out, name, torch.cat(parts))

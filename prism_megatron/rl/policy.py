@@ -9,6 +9,11 @@ broadcast) and the trainer -> engine weight sync. One step:
     metrics = policy.train(batch)               # engine memory released; old log-probs,
                                                 # mismatch, ppo_epochs x updates
     policy.sync()                               # engine weights resumed -> sync -> KV resumed
+
+``generate`` is ``receive(launch(...))``: ``launch`` starts the engine in a background thread
+(sender rank), ``receive`` waits for it and hands every rank the batch. One-step-off-policy
+(``algorithm.off_policy_steps=1``, stages/rlvr.py) launches step t+1 before ``train`` of step t
+and receives it before the sync (the engine never generates while its weights change).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,6 +30,7 @@ import torch.distributed as dist
 from prism_megatron.config import ConfigError
 from prism_megatron.rl import logprobs as lp
 from prism_megatron.rl.batch import MicroBatches, RolloutBatch, plan_micro_batches
+from prism_megatron.rl.timing import StepTimer
 from prism_megatron.rollout.base import (
     RolloutServerError, derive_seed, phase_generate, phase_train)
 
@@ -54,11 +62,35 @@ def check_rl_config(cfg, algorithms: tuple[str, ...]) -> None:
         raise ConfigError("data.max_tokens_per_micro_batch packs sequences with a block attention "
                           "mask, which Transformer Engine's causal layers ignore (samples would "
                           "attend to each other): use model.spec=local, or 0 (padded micro-batches)")
+    if a.off_policy_steps:
+        if a.tis_cap is None:
+            raise ConfigError("algorithm.off_policy_steps=1 trains on samples of the previous "
+                              "policy: set algorithm.tis_cap (e.g. 2.0), the truncated importance "
+                              "weight by the recorded behaviour log-probs that corrects for it")
+        if a.dynamic_sampling:
+            raise ConfigError("algorithm.off_policy_steps=1 with algorithm.dynamic_sampling is not "
+                              "supported (the rounds of a step depend on its rewards, so the next "
+                              "step cannot be generated ahead): use one of them")
+        if cfg.rollout.release_memory_between_phases:
+            raise ConfigError("algorithm.off_policy_steps=1 generates while the policy trains, so "
+                              "the engine cannot release its memory for training: set "
+                              "rollout.release_memory_between_phases=false")
     for key in ("model.hf_dir", "model.megatron_dir"):
         section, name = key.split(".")
         if not getattr(getattr(cfg, section), name):
             raise ConfigError(f"{key} is empty (the policy to train: HF dir for the processor and "
                               "engine, Megatron checkpoint for the trainer)")
+
+
+@dataclass
+class Pending:
+    """A generation in flight (``Policy.launch``): its prompts, step, the policy version that
+    generates it, and the sender's future of (groups, seconds)."""
+
+    prompts: list
+    step: int
+    version: int
+    future: Future | None
 
 
 class Policy:
@@ -81,6 +113,7 @@ class Policy:
             load_initial_weights(self.reference, cfg.model)
             self.reference.requires_grad_(False)
         self.settings = lp.LossSettings.from_config(cfg.algorithm, cfg.rollout.temperature)
+        self._pool: ThreadPoolExecutor | None = None     # the background generation (sender)
         self.engine = (make_engine(cfg.rollout, cfg.model.hf_dir, cfg.data) if is_sender()
                        else None)
         if self.engine is not None:
@@ -103,16 +136,44 @@ class Policy:
         # A seed per (run, step, round): a resumed run asks for exactly the samples it would have.
         return sampling_params(self.cfg.rollout, seed=derive_seed(self.cfg.seed, step, round_))
 
-    def generate(self, prompts, step: int, round_: int = 0) -> RolloutBatch:
+    def generate(self, prompts, step: int, round_: int = 0, *, version: int = -1) -> RolloutBatch:
         """``rollout.n`` samples per prompt on every rank: the engine lives on the sender rank,
         which broadcasts what it drew."""
-        box = [None]
+        return self.receive(self.launch(prompts, step, round_, version=version))[0]
+
+    def launch(self, prompts, step: int, round_: int = 0, *, version: int = -1) -> "Pending":
+        """Start generating in the background (sender rank; the engine is another process or
+        its own model copy, so the trainer can run meanwhile). ``version``: the trained steps
+        of the weights the engine holds, recorded per sample. Never sync while one is pending."""
+        future = None
         if self.engine is not None:
-            box[0] = self.engine.generate([p.rollout_prompt() for p in prompts],
-                                          self.sampling_params(step, round_), n=self.cfg.rollout.n)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+            params = self.sampling_params(step, round_)
+            texts = [p.rollout_prompt() for p in prompts]
+
+            def work():
+                start = time.perf_counter()
+                out = self.engine.generate(texts, params, n=self.cfg.rollout.n)
+                return out, time.perf_counter() - start
+
+            future = self._pool.submit(work)
+        return Pending(list(prompts), step, version, future)
+
+    def receive(self, pending: "Pending") -> tuple[RolloutBatch, float, float]:
+        """(batch, generation seconds, seconds waited here for it): the sender waits for its
+        generation, then every rank gets the samples (collective)."""
+        start = time.perf_counter()
+        box = [None]
+        if pending.future is not None:
+            box[0] = pending.future.result()
         if dist.is_initialized():
             dist.broadcast_object_list(box, src=0)
-        return RolloutBatch.from_groups(prompts, box[0])
+        waited = time.perf_counter() - start
+        groups, seconds = box[0]
+        batch = RolloutBatch.from_groups(pending.prompts, groups)
+        batch.behaviour_step = torch.full((len(batch),), pending.version, dtype=torch.long)
+        return batch, seconds, waited
 
     def sync(self) -> float:
         """Push the trainer's weights to the engine (collective) and make it ready to generate:
@@ -139,28 +200,31 @@ class Policy:
             dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
             max_tokens=d.max_tokens_per_micro_batch)
 
-    def train(self, batch: RolloutBatch) -> dict:
+    def train(self, batch: RolloutBatch, timer: StepTimer | None = None) -> dict:
         """Old (and reference) log-probs, mismatch, then ``ppo_epochs`` x mini-batch optimizer
-        steps on ``batch`` (its advantages set)."""
+        steps on ``batch`` (its advantages set). The ``logprob`` and ``update`` phases go into
+        ``timer`` (with the step's real tokens; into the returned metrics without one)."""
         a = self.cfg.algorithm
+        own = timer is None
+        timer = timer or StepTimer()
         phase_train(self.engine)   # the engine frees its weights + KV cache (when configured)
         micros = [self.micro_batches(batch, indices) for indices in
                   batch.minibatches(a.mini_batch_prompts or a.prompts_per_step)]
-        timings, start = {}, time.perf_counter()
         t = self.settings.temperature
-        for micro in micros:
-            lp.compute_log_probs(self.model, micro, temperature=t, entropy=True)
-            if self.reference is not None:
-                lp.compute_log_probs(self.reference, micro, key="ref_log_probs", temperature=t)
-        timings["time/logprob_s"] = time.perf_counter() - start
+        tokens = batch.tokens()
+        with timer.phase("logprob", tokens=tokens * (2 if self.reference is not None else 1)):
+            for micro in micros:
+                lp.compute_log_probs(self.model, micro, temperature=t, entropy=True)
+                if self.reference is not None:
+                    lp.compute_log_probs(self.reference, micro, key="ref_log_probs",
+                                         temperature=t)
         metrics = lp.log_prob_metrics(micros)
         real, computed = (sum(x) for x in zip(*(m.efficiency() for m in micros)))
         metrics["perf/padding_efficiency"] = padding_efficiency(real, computed)
 
-        start = time.perf_counter()
-        per_update = [lp.update(self.trainer, micro, self.settings)
-                      for _ in range(a.ppo_epochs) for micro in micros]
-        timings["time/update_s"] = time.perf_counter() - start
+        with timer.phase("update", tokens=tokens * a.ppo_epochs):
+            per_update = [lp.update(self.trainer, micro, self.settings)
+                          for _ in range(a.ppo_epochs) for micro in micros]
         first = per_update[0]
         for key in ("loss", "grad_norm", "lr", "clip_frac", "clip_frac_dual", "approx_kl", "kl"):
             if key in first:
@@ -168,9 +232,15 @@ class Policy:
         metrics.update(ratio_first_mean=first["ratio_mean"], ratio_first_max=first["ratio_max"],
                        skipped_updates=sum(u["skipped"] for u in per_update),
                        skipped_steps=per_update[-1]["skipped_steps"])
-        return {**metrics, **timings}
+        if own:
+            metrics.update({k: v for k, v in timer.metrics().items()
+                            if k.startswith(("time/logprob", "time/update", "perf/logprob",
+                                             "perf/update"))})
+        return metrics
 
     def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if self.engine is not None:
             self.engine.shutdown()
 
