@@ -197,6 +197,27 @@ def balance_by_tokens(indices: list[int], lengths: dict[int, int], dp_size: int)
     return shares
 
 
+def fit_rows(shares: list[list[int]], longest: int, budget: int
+             ) -> tuple[int, list[list[list[int]]]]:
+    """(row length, every rank's first-fit-decreasing rows of its ``shares`` lengths): the
+    shortest row (a multiple of 8, ``longest`` .. ``budget``) that packs each rank's share into
+    no more rows than the budget does: as many micro-batches, fewer padded positions."""
+    def pack(capacity: int) -> list[list[list[int]]]:
+        return [pack_greedy(share, capacity) if share else [] for share in shares]
+
+    best = pack(budget)
+    count = max(len(b) for b in best)
+    low, high = longest // 8, budget // 8          # in units of 8; ``high`` always fits
+    while low < high:
+        mid = (low + high) // 2
+        rows = pack(mid * 8)
+        if max(len(b) for b in rows) <= count:
+            high, best = mid, rows
+        else:
+            low = mid + 1
+    return high * 8, best
+
+
 def plan_micro_batches(batch: RolloutBatch, indices: list[int], *, micro_batch_size: int,
                        pad_id: int, hf_config, dp_rank: int, dp_size: int,
                        max_tokens: int = 0) -> MicroBatches:
@@ -205,17 +226,17 @@ def plan_micro_batches(batch: RolloutBatch, indices: list[int], *, micro_batch_s
 
     ``max_tokens`` 0: round-robin shares, ``micro_batch_size`` sequences per micro-batch padded
     to the mini-batch's longest (a multiple of 8). ``max_tokens`` > 0: shares balanced by tokens,
-    each micro-batch ONE row of ``max_tokens`` positions (at least the longest sequence) packed
-    first-fit-decreasing, samples kept apart by the block attention mask; every rank computes
+    each micro-batch ONE row of at most ``max_tokens`` positions (at least the longest sequence;
+    the shortest row that needs no more micro-batches, ``fit_rows``) packed first-fit-decreasing,
+    samples kept apart by the block attention mask; every rank computes
     every rank's packing, so the micro-batch counts agree without a collective."""
     seqs = {i: batch.sequence(i) for i in indices}      # collate indexes them by sample
     lengths = {i: len(s.input_ids) for i, s in seqs.items()}
     longest = padded_length(max(lengths.values()))
     if max_tokens:
-        seq_length = max(longest, padded_length(max_tokens))
         shares = balance_by_tokens(indices, lengths, dp_size)
-        bins = [pack_greedy([lengths[i] for i in share], seq_length) if share else []
-                for share in shares]
+        seq_length, bins = fit_rows([[lengths[i] for i in share] for share in shares], longest,
+                                    max(longest, padded_length(max_tokens)))
         count = max(len(b) for b in bins)
         rows = [[[shares[dp_rank][k] for k in row]] for row in bins[dp_rank]]
         rows += [[[]] for _ in range(count - len(rows))]    # filler micro-batches
