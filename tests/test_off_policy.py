@@ -54,7 +54,7 @@ def test_samples_without_engine_log_probs_are_refused_off_policy():
     batch = RolloutBatch.from_groups([RLPrompt(None, [], answer="1", id="p")],
                                      [[Sample([1, 2], [-0.1, -0.2], "", "stop"),
                                        Sample([3], [], "", "stop")]])
-    with pytest.raises(ConfigError, match=r"got 0 for 1 tokens"):
+    with pytest.raises(ConfigError, match=r"a 1-token sample came without them"):
         check_behaviour_log_probs(batch)
     import torch
 
@@ -123,3 +123,29 @@ def test_killed_off_policy_run_resumes_equal_to_the_uninterrupted_run(tmp_path, 
             assert x[key] == y[key], (x["step"], key)
         for key in ("loss", "grad_norm", "logprob_diff_mean", "entropy", "ratio_first_mean"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
+
+
+@pytest.mark.slow  # multi-process (torchrun)
+@pytest.mark.dist
+def test_each_data_parallel_rank_receives_only_the_samples_it_trains_on(tmp_path, rl_assets):
+    """DP2: the sender scatters each rank its round-robin share (4 of the 8 samples of a step,
+    the rest as lengths only), rewards are scored by the owners and shared as scalars, and the
+    run's rewards, losses and updates equal the DP1 run's (where one rank holds all 8)."""
+    runs = {}
+    for name, nproc in (("dp1", 1), ("dp2", 2)):
+        config = write_config(tmp_path / name, rl_assets, train_steps=2,
+                              algorithm={**OFF_POLICY, "entropy_coef": 0.05},
+                              optimizer={"lr": 1e-2, "adam_eps": 1e-3})
+        run_torchrun("-m", nproc, "prism_megatron.cli", "rlvr", config, timeout=600)
+        runs[name] = history(tmp_path / name / "run")
+    one, two = runs["dp1"], runs["dp2"]
+    assert [(r["perf/samples_received_min"], r["perf/samples_received_max"]) for r in one] == \
+        [(8.0, 8.0)] * 2
+    assert [(r["perf/samples_received_min"], r["perf/samples_received_max"]) for r in two] == \
+        [(4.0, 4.0)] * 2
+    for x, y in zip(one, two):
+        for key in ("reward", "accuracy", "format_rate", "response_len_mean",
+                    "off_policy/staleness_max"):
+            assert x[key] == y[key], (x["step"], key)
+        for key in ("loss", "grad_norm", "entropy", "logprob_diff_mean"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), (x["step"], key)

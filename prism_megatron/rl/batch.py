@@ -28,6 +28,24 @@ from prism_megatron.data.encode import Encoded
 
 
 @dataclass
+class RemoteSample:
+    """A sample another data-parallel rank trains on (``Policy.receive`` scatters the samples):
+    what every rank needs of it (lengths, metrics, the log-prob check), not its tokens."""
+
+    length: int
+    finish_reason: str
+    has_log_probs: bool
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def is_local(sample) -> bool:
+    """Whether this rank holds the sample's tokens (it trains on it, or the batch was broadcast)."""
+    return not isinstance(sample, RemoteSample)
+
+
+@dataclass
 class RolloutBatch:
     prompts: list[Any]                       # RLPrompt per group
     samples: list[Any]                       # rollout.base.Sample, group-major
@@ -103,10 +121,13 @@ class RolloutBatch:
     def rollout_log_probs(self, i: int) -> torch.Tensor:
         return torch.tensor(self.samples[i].logprobs, dtype=torch.float32)
 
+    def sequence_length(self, i: int) -> int:
+        """Tokens of ``[prompt ; response]`` of sample i (known on every rank)."""
+        return len(self.prompt_of(i).encoded.input_ids) + len(self.samples[i])
+
     def tokens(self) -> int:
         """Real (unpadded) tokens of the ``[prompt ; response]`` sequences."""
-        return sum(len(self.prompt_of(i).encoded.input_ids) + len(s.token_ids)
-                   for i, s in enumerate(self.samples))
+        return sum(self.sequence_length(i) for i in range(len(self)))
 
     def sequence(self, i: int) -> Encoded:
         """``[prompt ; response]`` of sample i, the response tokens trainable."""
@@ -197,6 +218,29 @@ def balance_by_tokens(indices: list[int], lengths: dict[int, int], dp_size: int)
     return shares
 
 
+def dp_shares(lengths: dict[int, int], indices: list[int], *, dp_size: int,
+              micro_batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Every data-parallel rank's samples of the mini-batch ``indices``, as
+    ``plan_micro_batches`` assigns them (by tokens when packing, round-robin otherwise)."""
+    if max_tokens:
+        return balance_by_tokens(indices, lengths, dp_size)
+    return [rank_share(indices, r, dp_size) for r in range(dp_size)]
+
+
+def sample_owners(batch: RolloutBatch, *, prompts_per_minibatch: int, dp_size: int,
+                  micro_batch_size: int, max_tokens: int) -> list[int]:
+    """The data-parallel rank that trains on each sample of ``batch`` (every mini-batch)."""
+    lengths = {i: batch.sequence_length(i) for i in range(len(batch))}
+    owner = [0] * len(batch)
+    for indices in batch.minibatches(prompts_per_minibatch):
+        for r, share in enumerate(dp_shares(lengths, indices, dp_size=dp_size,
+                                            micro_batch_size=micro_batch_size,
+                                            max_tokens=max_tokens)):
+            for i in share:
+                owner[i] = r
+    return owner
+
+
 def fit_rows(shares: list[list[int]], longest: int, budget: int
              ) -> tuple[int, list[list[list[int]]]]:
     """(row length, every rank's first-fit-decreasing rows of its ``shares`` lengths): the
@@ -230,11 +274,11 @@ def plan_micro_batches(batch: RolloutBatch, indices: list[int], *, micro_batch_s
     the shortest row that needs no more micro-batches, ``fit_rows``) packed first-fit-decreasing,
     samples kept apart by the block attention mask; every rank computes
     every rank's packing, so the micro-batch counts agree without a collective."""
-    seqs = {i: batch.sequence(i) for i in indices}      # collate indexes them by sample
-    lengths = {i: len(s.input_ids) for i, s in seqs.items()}
+    lengths = {i: batch.sequence_length(i) for i in indices}
     longest = padded_length(max(lengths.values()))
     if max_tokens:
-        shares = balance_by_tokens(indices, lengths, dp_size)
+        shares = dp_shares(lengths, indices, dp_size=dp_size, micro_batch_size=micro_batch_size,
+                           max_tokens=max_tokens)
         seq_length, bins = fit_rows([[lengths[i] for i in share] for share in shares], longest,
                                     max(longest, padded_length(max_tokens)))
         count = max(len(b) for b in bins)
@@ -246,6 +290,7 @@ def plan_micro_batches(batch: RolloutBatch, indices: list[int], *, micro_batch_s
         rows = [[[i] if i is not None else [] for i in mine[k:k + micro_batch_size]]
                 for k in range(0, len(mine), micro_batch_size)]
     members = [i for mb in rows for row in mb for i in row]
+    seqs = {i: batch.sequence(i) for i in members}      # collate indexes them by sample
     positions = {i: response_positions(seqs[i], hf_config) for i in members}
     rollout = {i: batch.rollout_log_probs(i) for i in members}
     out = []

@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from prism_megatron.config import ConfigError
 from prism_megatron.rl import logprobs as lp
-from prism_megatron.rl.batch import MicroBatches, RolloutBatch, plan_micro_batches
+from prism_megatron.rl.batch import (
+    MicroBatches, RemoteSample, RolloutBatch, is_local, plan_micro_batches, sample_owners)
 from prism_megatron.rl.timing import StepTimer
 from prism_megatron.rollout.base import (
     RolloutServerError, derive_seed, phase_generate, phase_train)
@@ -114,6 +115,7 @@ class Policy:
             self.reference.requires_grad_(False)
         self.settings = lp.LossSettings.from_config(cfg.algorithm, cfg.rollout.temperature)
         self._pool: ThreadPoolExecutor | None = None     # the background generation (sender)
+        self._dp_ranks: list[int] | None = None
         self.engine = (make_engine(cfg.rollout, cfg.model.hf_dir, cfg.data) if is_sender()
                        else None)
         if self.engine is not None:
@@ -136,10 +138,13 @@ class Policy:
         # A seed per (run, step, round): a resumed run asks for exactly the samples it would have.
         return sampling_params(self.cfg.rollout, seed=derive_seed(self.cfg.seed, step, round_))
 
-    def generate(self, prompts, step: int, round_: int = 0, *, version: int = -1) -> RolloutBatch:
-        """``rollout.n`` samples per prompt on every rank: the engine lives on the sender rank,
-        which broadcasts what it drew."""
-        return self.receive(self.launch(prompts, step, round_, version=version))[0]
+    def generate(self, prompts, step: int, round_: int = 0, *, version: int = -1,
+                 scatter: bool = False) -> RolloutBatch:
+        """``rollout.n`` samples per prompt: the engine lives on the sender rank, which
+        broadcasts what it drew, or with ``scatter`` sends each rank only the samples it trains
+        on (``receive``)."""
+        return self.receive(self.launch(prompts, step, round_, version=version),
+                            scatter=scatter)[0]
 
     def launch(self, prompts, step: int, round_: int = 0, *, version: int = -1) -> "Pending":
         """Start generating in the background (sender rank; the engine is another process or
@@ -160,20 +165,49 @@ class Policy:
             future = self._pool.submit(work)
         return Pending(list(prompts), step, version, future)
 
-    def receive(self, pending: "Pending") -> tuple[RolloutBatch, float, float]:
+    def receive(self, pending: "Pending", *, scatter: bool = False
+                ) -> tuple[RolloutBatch, float, float]:
         """(batch, generation seconds, seconds waited here for it): the sender waits for its
-        generation, then every rank gets the samples (collective)."""
+        generation, then every rank gets the samples (collective): all of them, or with
+        ``scatter`` the tokens of those its data-parallel rank trains on (TP/PP peers get the
+        same) and a ``RemoteSample`` (lengths only) for the others. Scatter only when this
+        batch is trained as it is (not when groups are selected from it afterwards)."""
         start = time.perf_counter()
-        box = [None]
-        if pending.future is not None:
-            box[0] = pending.future.result()
-        if dist.is_initialized():
-            dist.broadcast_object_list(box, src=0)
+        result = pending.future.result() if pending.future is not None else None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if scatter:
+                owners = None
+                if result is not None:
+                    owners = self.owners(RolloutBatch.from_groups(pending.prompts, result[0]))
+                result = scatter_samples(result, owners, self.dp_ranks())
+            else:
+                box = [result]
+                dist.broadcast_object_list(box, src=0)
+                result = box[0]
         waited = time.perf_counter() - start
-        groups, seconds = box[0]
+        groups, seconds = result
         batch = RolloutBatch.from_groups(pending.prompts, groups)
         batch.behaviour_step = torch.full((len(batch),), pending.version, dtype=torch.long)
         return batch, seconds, waited
+
+    def owners(self, batch: RolloutBatch) -> list[int]:
+        """The data-parallel rank that trains on each sample (``micro_batches``' assignment)."""
+        from megatron.core import parallel_state as ps
+
+        a, d = self.cfg.algorithm, self.cfg.data
+        return sample_owners(batch, prompts_per_minibatch=a.mini_batch_prompts or a.prompts_per_step,
+                             dp_size=ps.get_data_parallel_world_size(),
+                             micro_batch_size=d.micro_batch_size,
+                             max_tokens=d.max_tokens_per_micro_batch)
+
+    def dp_ranks(self) -> list[int]:
+        """The data-parallel rank of every global rank (collective once, then cached)."""
+        from megatron.core import parallel_state as ps
+
+        if self._dp_ranks is None:
+            self._dp_ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(self._dp_ranks, ps.get_data_parallel_rank())
+        return self._dp_ranks
 
     def sync(self) -> float:
         """Push the trainer's weights to the engine (collective) and make it ready to generate:
@@ -243,6 +277,37 @@ class Policy:
             self._pool.shutdown(wait=True)
         if self.engine is not None:
             self.engine.shutdown()
+
+
+def scatter_samples(result, owners: list[int] | None, dp_ranks: list[int]):
+    """Rank 0's ``(groups, extra)`` -> every rank's: the samples whose owner (a data-parallel
+    rank, per sample in group-major order) is that rank's ``dp_ranks`` entry, a
+    ``RemoteSample`` in place of each other one. Collective; only rank 0 passes ``result``."""
+    inputs = None
+    if dist.get_rank() == 0:
+        groups, extra = result
+        flat = [s for group in groups for s in group]
+        remote = [RemoteSample(len(s), s.finish_reason, len(s.logprobs) == len(s.token_ids))
+                  for s in flat]
+        inputs = []
+        for dp in dp_ranks:
+            mine = iter(s if owners[k] == dp else remote[k] for k, s in enumerate(flat))
+            inputs.append(([[next(mine) for _ in group] for group in groups], extra))
+    out = [None]
+    dist.scatter_object_list(out, inputs, src=0)
+    return out[0]
+
+
+def samples_received(batch: RolloutBatch) -> dict[str, float]:
+    """Fewest and most samples (with tokens) a rank holds of this batch."""
+    count = sum(is_local(s) for s in batch.samples)
+    low, high = torch.tensor([-count], dtype=torch.float64), torch.tensor([count],
+                                                                         dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(low, op=dist.ReduceOp.MAX)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return {"perf/samples_received_min": -float(low[0]),
+            "perf/samples_received_max": float(high[0])}
 
 
 def padding_efficiency(real: int, computed: int) -> float:

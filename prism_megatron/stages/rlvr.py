@@ -26,6 +26,7 @@ import logging
 import time
 
 import torch
+import torch.distributed as dist
 
 from prism_megatron.algorithms.advantages import grpo_advantages
 from prism_megatron.algorithms.sampling import keep_informative_groups, overlong_penalty
@@ -34,8 +35,8 @@ from prism_megatron.data.sampler import ResumableSampler
 from prism_megatron.distributed import shard_map
 from prism_megatron.errors import PrismError
 from prism_megatron.rewards.verifiable import score_responses
-from prism_megatron.rl.batch import RolloutBatch
-from prism_megatron.rl.policy import Policy, check_rl_config, response_metrics
+from prism_megatron.rl.batch import RolloutBatch, is_local
+from prism_megatron.rl.policy import Policy, check_rl_config, response_metrics, samples_received
 from prism_megatron.rl.timing import StepTimer
 from prism_megatron.runtime import Checkpoints, Snapshot, StepResult, stage_session
 
@@ -45,12 +46,29 @@ RLVR_ALGORITHMS = ("grpo", "dapo", "gspo")
 
 def score(batch: RolloutBatch, cfg) -> None:
     """Rule rewards (spec §5) + DAPO's overlong term (spec §6.3) per sample, into ``batch``;
-    each sample is scored on one rank (``shard_map``) and the scores are shared."""
+    each sample is scored on one rank and the scores are shared as scalars: a broadcast batch
+    round-robin over the world (``shard_map``), a scattered one by the first tensor- and
+    pipeline-parallel rank of the data-parallel rank that holds it."""
     r = cfg.rewards
-    pairs = [(s.text, batch.prompt_of(i).answer) for i, s in enumerate(batch.samples)]
-    results = shard_map(lambda part: score_responses(
-        [t for t, _ in part], [a for _, a in part], num_workers=r.num_workers,
-        accuracy_weight=r.accuracy_weight, format_weight=r.format_weight), pairs)
+
+    def run(indices: list[int]) -> list:
+        return list(score_responses(
+            [batch.samples[i].text for i in indices], [batch.prompt_of(i).answer for i in indices],
+            num_workers=r.num_workers, accuracy_weight=r.accuracy_weight,
+            format_weight=r.format_weight)) if indices else []
+
+    if all(is_local(s) for s in batch.samples):
+        results = shard_map(run, list(range(len(batch))))
+    else:
+        from megatron.core import parallel_state as ps
+
+        scorer = (ps.get_tensor_model_parallel_rank() == 0
+                  and ps.get_pipeline_model_parallel_rank() == 0)
+        mine = [i for i, s in enumerate(batch.samples) if scorer and is_local(s)]
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, dict(zip(mine, run(mine))))
+        merged = {i: res for part in parts for i, res in part.items()}
+        results = [merged[i] for i in range(len(batch))]
     shaping = overlong_penalty(batch.response_lengths().long(), cfg.rollout.max_new_tokens,
                                r.overlong_buffer, r.overlong_penalty_factor)
     batch.rewards = torch.tensor([res.score + float(p) for res, p in zip(results, shaping)])
@@ -62,7 +80,7 @@ def collect(policy, dataset, sampler, cfg, step: int, *, version: int = -1, firs
             timer: StepTimer | None = None) -> tuple[RolloutBatch, dict]:
     """Generation rounds until ``prompts_per_step`` groups are kept (one round without dynamic
     sampling); ``first``: round 0's batch, generated ahead (one-step-off-policy). Every rank
-    computes the same thing from the broadcast samples. ``rollout`` / ``reward`` go into
+    computes the same thing from the samples' scalars. ``rollout`` / ``reward`` go into
     ``timer``."""
     a = cfg.algorithm
     timer = timer or StepTimer()
@@ -82,7 +100,10 @@ def collect(policy, dataset, sampler, cfg, step: int, *, version: int = -1, firs
                 else a.prompts_per_step
             prompts = [dataset[i] for i in sampler.next_indices(count)]
             start = time.perf_counter()
-            batch = policy.generate(prompts, step, rounds, version=version)
+            # Scattered unless DAPO selects groups from the rounds (the training layout is known
+            # only then).
+            batch = policy.generate(prompts, step, rounds, version=version,
+                                    scatter=not a.dynamic_sampling)
             timer.add("rollout", time.perf_counter() - start, int(batch.response_lengths().sum()))
         with timer.phase("reward"):
             score(batch, cfg)
@@ -108,13 +129,15 @@ def staleness_metrics(batch: RolloutBatch, step: int) -> dict[str, float]:
 
 
 def check_behaviour_log_probs(batch: RolloutBatch) -> None:
-    """Off-policy samples need the engine's log-probs (the TIS weight's denominator)."""
+    """Off-policy samples need the engine's log-probs (the TIS weight's denominator); every rank
+    sees the same answer (a ``RemoteSample`` carries it)."""
     for s in batch.samples:
-        if len(s.logprobs) != len(s.token_ids):
+        ok = len(s.logprobs) == len(s.token_ids) if is_local(s) else s.has_log_probs
+        if not ok:
             raise ConfigError(
-                "algorithm.off_policy_steps=1 needs the engine's log-prob of every sampled token "
-                f"(got {len(s.logprobs)} for {len(s.token_ids)} tokens): use an engine that "
-                "returns them, or algorithm.off_policy_steps=0")
+                "algorithm.off_policy_steps=1 needs the engine's log-prob of every sampled token, "
+                f"and a {len(s)}-token sample came without them: use an engine that returns "
+                "them, or algorithm.off_policy_steps=0")
 
 
 def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
@@ -167,11 +190,12 @@ def run(cfg: PrismConfig) -> dict:
                 check_behaviour_log_probs(batch)
             metrics.update(batch_metrics(batch))
             metrics.update(staleness_metrics(batch, step))
+            metrics.update(samples_received(batch))
             batch.advantages = grpo_advantages(batch.rewards, batch.group,
                                                norm_by_std=a.norm_adv_by_std).float()
             metrics.update(policy.train(batch, timer))
             if pending is not None:        # never sync while the engine generates
-                nxt, seconds, waited = policy.receive(pending)
+                nxt, seconds, waited = policy.receive(pending, scatter=True)
                 timer.add("wait_generation", waited)
                 timer.add("rollout", seconds, int(nxt.response_lengths().sum()))
                 ahead[step + 1] = (nxt, drawn)
