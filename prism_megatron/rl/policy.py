@@ -2,7 +2,8 @@
 
 ``Policy`` owns the Megatron policy (TP/PP/DP) and its trainer, the optional frozen reference
 model (KL), the rollout engine (on the sender rank only; the other ranks get the samples
-broadcast) and the trainer -> engine weight sync. One step:
+broadcast, or scattered: each data-parallel rank only those it trains on) and the trainer ->
+engine weight sync. One step:
 
     batch = policy.generate(prompts, step)      # RolloutBatch: prompts, samples, group
     ...                                         # rewards or discriminator scores -> advantages
