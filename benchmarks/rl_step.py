@@ -10,8 +10,10 @@
    oracle);
 3. RLVR wall time of ``--rlvr-steps`` steps (the sum of the logged step times, start-up
    excluded) with ``algorithm.off_policy_steps`` 1 vs 0, the engine the CPU server
-   (``rollout/serve.py``) in its own process, each process on one thread: the ratio, and where
-   the steps' time went (generation, log-prob + update, waiting on the in-flight generation).
+   (``rollout/serve.py``) in its own process, each process on one thread, runs in ABBA order:
+   the ratio, and where the steps' time went (generation, log-prob + update, waiting on the
+   in-flight generation). The overlap needs a free core for the server: on a loaded machine the
+   ratio says little (the load average is printed with it).
 
     python benchmarks/rl_step.py [--prompts 8] [--n 8] [--max-response 256] [--repeats 3]
                                  [--rlvr-steps 6]
@@ -180,10 +182,10 @@ def rlvr_overlap(work: Path, hf_dir: Path, steps: int) -> None:
 
     write_dataset(work / "rldata", 0, {"sft_public": 0, "sft_teacher": 0, "align": 0, "rl": 32,
                                        "test": 0}, log=lambda *a: None)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    totals = {}
-    for off in (0, 1):
-        run_dir = work / f"rlvr_off{off}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    totals, rows_of = {0: [], 1: []}, {0: [], 1: []}
+    for run, off in enumerate((0, 1, 1, 0)):    # ABBA: a drifting machine load hits both alike
+        run_dir = work / f"rlvr_{run}_off{off}"
         cfg = {"seed": 0, "train_steps": steps,
                "model": {"hf_dir": str(hf_dir), "megatron_dir": str(work / "megatron")},
                "optimizer": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
@@ -195,22 +197,28 @@ def rlvr_overlap(work: Path, hf_dir: Path, steps: int) -> None:
                              "off_policy_steps": off},
                "checkpoint": {"enabled": False, "save_interval": 1000},
                "logging": {"run_dir": str(run_dir), "tensorboard": False, "plots": False}}
-        path = work / f"rlvr_off{off}.yaml"
+        path = work / f"rlvr_{run}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         subprocess.run([sys.executable, "-m", "prism_megatron.cli", "rlvr", str(path)], env=env,
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rows = [r for r in read_history(run_dir) if r["step"] >= 1]
-        totals[off] = sum(r["time/step_s"] for r in rows)
+        totals[off].append(sum(r["time/step_s"] for r in rows))
+        rows_of[off] += rows
+    for off in (0, 1):
+        rows = rows_of[off]
         mean = {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in (
             "time/rollout_s", "time/logprob_s", "time/update_s", "time/sync_s", "time/wait_s",
             "perf/generation_fraction", "off_policy/staleness_mean")}
-        print(f"rlvr off_policy_steps={off}: {steps} steps {totals[off]:.2f} s  (per step: "
-              f"generation {mean['time/rollout_s']:.2f} s, log-prob + update "
+        print(f"rlvr off_policy_steps={off}: {steps} steps {statistics.mean(totals[off]):.2f} s "
+              f"(mean of {len(totals[off])} runs; per step: generation "
+              f"{mean['time/rollout_s']:.2f} s, log-prob + update "
               f"{mean['time/logprob_s'] + mean['time/update_s']:.2f} s, sync "
               f"{mean['time/sync_s']:.2f} s, waiting {mean['time/wait_s']:.2f} s; generation "
               f"fraction {mean['perf/generation_fraction']:.2f}, staleness "
               f"{mean['off_policy/staleness_mean']:.2f})")
-    print(f"  time off-policy / on-policy: {totals[1] / totals[0]:.2f}")
+    ratio = statistics.mean(totals[1]) / statistics.mean(totals[0])
+    print(f"  time off-policy / on-policy: {ratio:.2f}  (machine load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":
