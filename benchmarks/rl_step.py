@@ -182,7 +182,8 @@ def rlvr_overlap(work: Path, hf_dir: Path, steps: int) -> None:
 
     write_dataset(work / "rldata", 0, {"sft_public": 0, "sft_teacher": 0, "align": 0, "rl": 32,
                                        "test": 0}, log=lambda *a: None)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     totals, rows_of = {0: [], 1: []}, {0: [], 1: []}
     for run, off in enumerate((0, 1, 1, 0)):    # ABBA: a drifting machine load hits both alike
         run_dir = work / f"rlvr_{run}_off{off}"
