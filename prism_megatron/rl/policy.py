@@ -37,6 +37,7 @@ from prism_megatron.rollout.base import (
     RolloutServerError, derive_seed, phase_generate, phase_train)
 
 log = logging.getLogger("prism.policy")
+LAUNCH_GRACE_S = 0.05
 
 
 def minibatch_count(algorithm) -> int:
@@ -144,13 +145,16 @@ class Policy:
         """``rollout.n`` samples per prompt: the engine lives on the sender rank, which
         broadcasts what it drew, or with ``scatter`` sends each rank only the samples it trains
         on (``receive``)."""
-        return self.receive(self.launch(prompts, step, round_, version=version),
+        return self.receive(self.launch(prompts, step, round_, version=version, grace=False),
                             scatter=scatter)[0]
 
-    def launch(self, prompts, step: int, round_: int = 0, *, version: int = -1) -> "Pending":
+    def launch(self, prompts, step: int, round_: int = 0, *, version: int = -1,
+               grace: bool = True) -> "Pending":
         """Start generating in the background (sender rank; the engine is another process or
         its own model copy, so the trainer can run meanwhile). ``version``: the trained steps
-        of the weights the engine holds, recorded per sample. Never sync while one is pending."""
+        of the weights the engine holds, recorded per sample. Never sync while one is pending.
+        ``grace``: sleep briefly so the requests leave together (not needed when the caller
+        waits for the result at once, as ``generate`` does)."""
         future = None
         if self.engine is not None:
             if self._pool is None:
@@ -164,6 +168,11 @@ class Policy:
                 return out, time.perf_counter() - start
 
             future = self._pool.submit(work)
+            if grace:
+                # Let the client's request threads send before this thread takes the GIL back for
+                # training: a server that batches the requests arriving together (the CPU
+                # server's 5 ms window) would otherwise get them staggered, one batch each.
+                time.sleep(LAUNCH_GRACE_S)
         return Pending(list(prompts), step, version, future)
 
     def receive(self, pending: "Pending", *, scatter: bool = False
