@@ -205,7 +205,8 @@ class Policy:
         from megatron.core import parallel_state as ps
 
         a, d = self.cfg.algorithm, self.cfg.data
-        return sample_owners(batch, prompts_per_minibatch=a.mini_batch_prompts or a.prompts_per_step,
+        return sample_owners(batch,
+                             prompts_per_minibatch=a.mini_batch_prompts or a.prompts_per_step,
                              dp_size=ps.get_data_parallel_world_size(),
                              micro_batch_size=d.micro_batch_size,
                              max_tokens=d.max_tokens_per_micro_batch)
