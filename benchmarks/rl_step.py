@@ -7,9 +7,16 @@
    and seconds, with the packed/padded time ratio;
 2. the discriminator update of an alignment step: sequences forwarded per prompt and seconds,
    teachers shared per prompt (what the stage runs) vs the per-pair formulation (the test
-   oracle).
+   oracle);
+3. RLVR wall time of ``--rlvr-steps`` steps (the sum of the logged step times, start-up
+   excluded) with ``algorithm.off_policy_steps`` 1 vs 0, the engine the CPU server
+   (``rollout/serve.py``) in its own process, each process on one thread, runs in ABBA order:
+   the ratio, and where the steps' time went (generation, log-prob + update, waiting on the
+   in-flight generation). The overlap needs a free core for the server: on a loaded machine the
+   ratio says little (the load average is printed with it).
 
     python benchmarks/rl_step.py [--prompts 8] [--n 8] [--max-response 256] [--repeats 3]
+                                 [--rlvr-steps 6]
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +58,7 @@ def main() -> None:
     parser.add_argument("--max-response", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rlvr-steps", type=int, default=6, help="0: skip the RLVR runs")
     args = parser.parse_args()
 
     import torch
@@ -159,6 +168,58 @@ def main() -> None:
         print(f"discriminator {name:8s}: {rows / len(prompts):.0f} sequences per prompt "
               f"(n = {args.n}), update {seconds:.2f} s")
     print(f"  time shared / per-pair: {results['shared'] / results['per-pair']:.2f}")
+
+    # ---- 3. RLVR: one-step-off-policy vs on-policy, the engine in its own process -------
+    if args.rlvr_steps:
+        rlvr_overlap(work, hf_dir, args.rlvr_steps)
+
+
+def rlvr_overlap(work: Path, hf_dir: Path, steps: int) -> None:
+    import yaml
+
+    from prism_megatron.data.synthetic import write_dataset
+    from prism_megatron.metrics import read_history
+
+    write_dataset(work / "rldata", 0, {"sft_public": 0, "sft_teacher": 0, "align": 0, "rl": 32,
+                                       "test": 0}, log=lambda *a: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    totals, rows_of = {0: [], 1: []}, {0: [], 1: []}
+    for run, off in enumerate((0, 1, 1, 0)):    # ABBA: a drifting machine load hits both alike
+        run_dir = work / f"rlvr_{run}_off{off}"
+        cfg = {"seed": 0, "train_steps": steps,
+               "model": {"hf_dir": str(hf_dir), "megatron_dir": str(work / "megatron")},
+               "optimizer": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+               "data": {"train_files": [str(work / "rldata" / "rl.jsonl")],
+                        "max_prompt_length": 512, "micro_batch_size": 4},
+               "rollout": {"engine": "sglang", "server": "prism", "weight_sync": "tensor",
+                           "n": 4, "max_new_tokens": 48},
+               "algorithm": {"name": "grpo", "prompts_per_step": 4, "tis_cap": 2.0,
+                             "off_policy_steps": off},
+               "checkpoint": {"enabled": False, "save_interval": 1000},
+               "logging": {"run_dir": str(run_dir), "tensorboard": False, "plots": False}}
+        path = work / f"rlvr_{run}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        subprocess.run([sys.executable, "-m", "prism_megatron.cli", "rlvr", str(path)], env=env,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rows = [r for r in read_history(run_dir) if r["step"] >= 1]
+        totals[off].append(sum(r["time/step_s"] for r in rows))
+        rows_of[off] += rows
+    for off in (0, 1):
+        rows = rows_of[off]
+        mean = {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in (
+            "time/rollout_s", "time/logprob_s", "time/update_s", "time/sync_s", "time/wait_s",
+            "perf/generation_fraction", "off_policy/staleness_mean")}
+        print(f"rlvr off_policy_steps={off}: {steps} steps {statistics.mean(totals[off]):.2f} s "
+              f"(mean of {len(totals[off])} runs; per step: generation "
+              f"{mean['time/rollout_s']:.2f} s, log-prob + update "
+              f"{mean['time/logprob_s'] + mean['time/update_s']:.2f} s, sync "
+              f"{mean['time/sync_s']:.2f} s, waiting {mean['time/wait_s']:.2f} s; generation "
+              f"fraction {mean['perf/generation_fraction']:.2f}, staleness "
+              f"{mean['off_policy/staleness_mean']:.2f})")
+    ratio = statistics.mean(totals[1]) / statistics.mean(totals[0])
+    print(f"  time off-policy / on-policy: {ratio:.2f}  (machine load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ class AlgorithmConfig:
     max_num_gen_batches: int = 10
     gen_batch_prompts: int = 0         # DAPO prompts per generation round; 0 = prompts_per_step
     tis_cap: Optional[float] = None    # truncated importance sampling cap; None = off
+    off_policy_steps: int = 0          # 1: generate step t+1 while training step t (RLVR)
     prompts_per_step: int = 32
     caption_weight: float = 0.5        # PRISM alignment advantage (spec §4)
     reasoning_weight: float = 0.5
@@ -304,6 +305,7 @@ RANGES = (
     ("algorithm.mini_batch_prompts", 0, True, None, None), ("algorithm.kl_coef", 0, True, None, None),
     ("algorithm.max_num_gen_batches", 1, True, None, None),
     ("algorithm.gen_batch_prompts", 0, True, None, None), ("algorithm.tis_cap", 0, False, None, None),
+    ("algorithm.off_policy_steps", 0, True, 1, True),
     ("algorithm.prompts_per_step", 1, True, None, None),
     ("algorithm.caption_weight", 0, True, None, None),
     ("algorithm.reasoning_weight", 0, True, None, None),

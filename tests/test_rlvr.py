@@ -188,7 +188,7 @@ class ScriptedWorker:
     def __init__(self, scripts):
         self.scripts, self.calls = iter(scripts), []
 
-    def generate(self, prompts, step, round_):
+    def generate(self, prompts, step, round_, version=-1, scatter=False):
         from prism_megatron.rl.batch import RolloutBatch
         from prism_megatron.rollout.base import Sample
 

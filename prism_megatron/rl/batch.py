@@ -3,7 +3,7 @@
 A ``RolloutBatch`` is built once, after generation, and gains fields as the step flows (the same
 type in RLVR and alignment):
 
-    generate     prompts, samples, group                 (rollout log-probs are in the samples)
+    generate     prompts, samples, group, behaviour_step (rollout log-probs are in the samples)
     reward       rewards, accuracy, format_ok            (RLVR: rule rewards, spec §5)
       or score   caption, reasoning, valid, segments     (alignment: discriminator, spec §3.3)
     advantages   advantages                              (group-normalised, spec §4 / §6)
@@ -28,6 +28,24 @@ from prism_megatron.data.encode import Encoded
 
 
 @dataclass
+class RemoteSample:
+    """A sample another data-parallel rank trains on (``Policy.receive`` scatters the samples):
+    what every rank needs of it (lengths, metrics, the log-prob check), not its tokens."""
+
+    length: int
+    finish_reason: str
+    has_log_probs: bool
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def is_local(sample) -> bool:
+    """Whether this rank holds the sample's tokens (it trains on it, or the batch was broadcast)."""
+    return not isinstance(sample, RemoteSample)
+
+
+@dataclass
 class RolloutBatch:
     prompts: list[Any]                       # RLPrompt per group
     samples: list[Any]                       # rollout.base.Sample, group-major
@@ -40,6 +58,9 @@ class RolloutBatch:
     valid: torch.Tensor | None = None        # [N] bool, format-valid for the discriminator
     segments: list[Any] = field(default_factory=list)   # data.segments.SegmentIds per sample
     advantages: torch.Tensor | None = None   # [N] per-response advantage
+    # [N] the policy version that generated each sample: the number of trained steps of the
+    # weights the engine held (one-step-off-policy: the trained step's version - 1)
+    behaviour_step: torch.Tensor | None = None
 
     @classmethod
     def from_groups(cls, prompts: list, groups: list[list]) -> "RolloutBatch":
@@ -70,7 +91,8 @@ class RolloutBatch:
         return RolloutBatch([self.prompts[g] for g in keep], [self.samples[i] for i in rows],
                             new_group, **{name: take(getattr(self, name)) for name in
                                           ("rewards", "accuracy", "format_ok", "caption",
-                                           "reasoning", "valid", "segments", "advantages")})
+                                           "reasoning", "valid", "segments", "advantages",
+                                           "behaviour_step")})
 
     @staticmethod
     def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
@@ -82,7 +104,7 @@ class RolloutBatch:
             out.samples += b.samples
             out.group += [g + offset for g in b.group]
         for name in ("rewards", "accuracy", "format_ok", "caption", "reasoning", "valid",
-                     "advantages"):
+                     "advantages", "behaviour_step"):
             parts = [getattr(b, name) for b in batches]
             if parts and all(p is not None for p in parts):
                 setattr(out, name, torch.cat(parts))
@@ -99,10 +121,13 @@ class RolloutBatch:
     def rollout_log_probs(self, i: int) -> torch.Tensor:
         return torch.tensor(self.samples[i].logprobs, dtype=torch.float32)
 
+    def sequence_length(self, i: int) -> int:
+        """Tokens of ``[prompt ; response]`` of sample i (known on every rank)."""
+        return len(self.prompt_of(i).encoded.input_ids) + len(self.samples[i])
+
     def tokens(self) -> int:
         """Real (unpadded) tokens of the ``[prompt ; response]`` sequences."""
-        return sum(len(self.prompt_of(i).encoded.input_ids) + len(s.token_ids)
-                   for i, s in enumerate(self.samples))
+        return sum(self.sequence_length(i) for i in range(len(self)))
 
     def sequence(self, i: int) -> Encoded:
         """``[prompt ; response]`` of sample i, the response tokens trainable."""
@@ -193,6 +218,50 @@ def balance_by_tokens(indices: list[int], lengths: dict[int, int], dp_size: int)
     return shares
 
 
+def dp_shares(lengths: dict[int, int], indices: list[int], *, dp_size: int,
+              micro_batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Every data-parallel rank's samples of the mini-batch ``indices``, as
+    ``plan_micro_batches`` assigns them (by tokens when packing, round-robin otherwise)."""
+    if max_tokens:
+        return balance_by_tokens(indices, lengths, dp_size)
+    return [rank_share(indices, r, dp_size) for r in range(dp_size)]
+
+
+def sample_owners(batch: RolloutBatch, *, prompts_per_minibatch: int, dp_size: int,
+                  micro_batch_size: int, max_tokens: int) -> list[int]:
+    """The data-parallel rank that trains on each sample of ``batch`` (every mini-batch)."""
+    lengths = {i: batch.sequence_length(i) for i in range(len(batch))}
+    owner = [0] * len(batch)
+    for indices in batch.minibatches(prompts_per_minibatch):
+        for r, share in enumerate(dp_shares(lengths, indices, dp_size=dp_size,
+                                            micro_batch_size=micro_batch_size,
+                                            max_tokens=max_tokens)):
+            for i in share:
+                owner[i] = r
+    return owner
+
+
+def fit_rows(shares: list[list[int]], longest: int, budget: int
+             ) -> tuple[int, list[list[list[int]]]]:
+    """(row length, every rank's first-fit-decreasing rows of its ``shares`` lengths): the
+    shortest row (a multiple of 8, ``longest`` .. ``budget``) that packs each rank's share into
+    no more rows than the budget does: as many micro-batches, fewer padded positions."""
+    def pack(capacity: int) -> list[list[list[int]]]:
+        return [pack_greedy(share, capacity) if share else [] for share in shares]
+
+    best = pack(budget)
+    count = max(len(b) for b in best)
+    low, high = longest // 8, budget // 8          # in units of 8; ``high`` always fits
+    while low < high:
+        mid = (low + high) // 2
+        rows = pack(mid * 8)
+        if max(len(b) for b in rows) <= count:
+            high, best = mid, rows
+        else:
+            low = mid + 1
+    return high * 8, best
+
+
 def plan_micro_batches(batch: RolloutBatch, indices: list[int], *, micro_batch_size: int,
                        pad_id: int, hf_config, dp_rank: int, dp_size: int,
                        max_tokens: int = 0) -> MicroBatches:
@@ -201,17 +270,17 @@ def plan_micro_batches(batch: RolloutBatch, indices: list[int], *, micro_batch_s
 
     ``max_tokens`` 0: round-robin shares, ``micro_batch_size`` sequences per micro-batch padded
     to the mini-batch's longest (a multiple of 8). ``max_tokens`` > 0: shares balanced by tokens,
-    each micro-batch ONE row of ``max_tokens`` positions (at least the longest sequence) packed
-    first-fit-decreasing, samples kept apart by the block attention mask; every rank computes
+    each micro-batch ONE row of at most ``max_tokens`` positions (at least the longest sequence;
+    the shortest row that needs no more micro-batches, ``fit_rows``) packed first-fit-decreasing,
+    samples kept apart by the block attention mask; every rank computes
     every rank's packing, so the micro-batch counts agree without a collective."""
-    seqs = {i: batch.sequence(i) for i in indices}      # collate indexes them by sample
-    lengths = {i: len(s.input_ids) for i, s in seqs.items()}
+    lengths = {i: batch.sequence_length(i) for i in indices}
     longest = padded_length(max(lengths.values()))
     if max_tokens:
-        seq_length = max(longest, padded_length(max_tokens))
-        shares = balance_by_tokens(indices, lengths, dp_size)
-        bins = [pack_greedy([lengths[i] for i in share], seq_length) if share else []
-                for share in shares]
+        shares = dp_shares(lengths, indices, dp_size=dp_size, micro_batch_size=micro_batch_size,
+                           max_tokens=max_tokens)
+        seq_length, bins = fit_rows([[lengths[i] for i in share] for share in shares], longest,
+                                    max(longest, padded_length(max_tokens)))
         count = max(len(b) for b in bins)
         rows = [[[shares[dp_rank][k] for k in row]] for row in bins[dp_rank]]
         rows += [[[]] for _ in range(count - len(rows))]    # filler micro-batches
@@ -221,6 +290,7 @@ def plan_micro_batches(batch: RolloutBatch, indices: list[int], *, micro_batch_s
         rows = [[[i] if i is not None else [] for i in mine[k:k + micro_batch_size]]
                 for k in range(0, len(mine), micro_batch_size)]
     members = [i for mb in rows for row in mb for i in row]
+    seqs = {i: batch.sequence(i) for i in members}      # collate indexes them by sample
     positions = {i: response_positions(seqs[i], hf_config) for i in members}
     rollout = {i: batch.rollout_log_probs(i) for i in members}
     out = []

@@ -28,8 +28,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from prism_megatron.algorithms.advantages import prism_advantages
 from prism_megatron.config import ConfigError, PrismConfig
 from prism_megatron.data.sampler import ResumableSampler
@@ -37,6 +35,7 @@ from prism_megatron.data.segments import pair_segments
 from prism_megatron.rl.discriminator import (
     Discriminator, check_discriminator, online_pairs, vision_token_ids)
 from prism_megatron.rl.policy import Policy, check_rl_config, response_metrics
+from prism_megatron.rl.timing import StepTimer
 from prism_megatron.runtime import Checkpoints, StepResult, stage_session
 
 log = logging.getLogger("prism.align")
@@ -44,6 +43,10 @@ log = logging.getLogger("prism.align")
 
 def check_config(cfg: PrismConfig) -> None:
     check_rl_config(cfg, ("prism",))
+    if cfg.algorithm.off_policy_steps:
+        raise ConfigError("algorithm.off_policy_steps=1 is implemented for RLVR only: the "
+                          "alignment step's discriminator update would also have to run a step "
+                          "behind its scores; use algorithm.off_policy_steps=0")
     d = cfg.discriminator
     if not d.megatron_dir:
         raise ConfigError("discriminator.megatron_dir is empty: the warmed discriminator (the "
@@ -100,23 +103,24 @@ def run(cfg: PrismConfig) -> dict:
         policy.sync()      # the engine loaded model.hf_dir: give it the trainer's weights
 
         def one_step(step: int) -> StepResult:
-            t0 = time.perf_counter()
+            timer = StepTimer()
             indices = sampler.next_indices(a.prompts_per_step)
-            batch = policy.generate([dataset[i] for i in indices], step)
-            t1 = time.perf_counter()
-            disc.score(batch, tokenizer, vision_ids)     # before the discriminator's update
-            batch.advantages = prism_advantages(
-                batch.caption, batch.reasoning, batch.valid, batch.group,
-                caption_weight=a.caption_weight, reasoning_weight=a.reasoning_weight,
-                format_penalty=a.format_penalty).float()
-            t2 = time.perf_counter()
-            metrics = {"time/rollout_s": t1 - t0, "time/score_s": t2 - t1, **student_metrics(batch)}
-            metrics.update(policy.train(batch))
-            t3 = time.perf_counter()
-            pairs = online_pairs(batch, [teachers[i] for i in indices], step)
-            metrics.update(disc.online_step(pairs, batch.group))
-            metrics["time/disc_update_s"] = time.perf_counter() - t3
-            metrics["time/sync_s"] = policy.sync()
+            start = time.perf_counter()
+            batch = policy.generate([dataset[i] for i in indices], step, version=step - 1)
+            timer.add("rollout", time.perf_counter() - start, int(batch.response_lengths().sum()))
+            with timer.phase("score"):
+                disc.score(batch, tokenizer, vision_ids)     # before the discriminator's update
+                batch.advantages = prism_advantages(
+                    batch.caption, batch.reasoning, batch.valid, batch.group,
+                    caption_weight=a.caption_weight, reasoning_weight=a.reasoning_weight,
+                    format_penalty=a.format_penalty).float()
+            metrics = student_metrics(batch)
+            metrics.update(policy.train(batch, timer))
+            with timer.phase("disc_update"):
+                pairs = online_pairs(batch, [teachers[i] for i in indices], step)
+                metrics.update(disc.online_step(pairs, batch.group))
+            timer.add("sync", policy.sync())
+            metrics.update(timer.metrics())
             return StepResult(metrics, len(batch), batch.tokens())
 
         metrics = session.train_loop(

@@ -10,6 +10,14 @@ batch is full) -> GRPO group-normalised advantages -> old log-probs recomputed b
 policy -> ``ppo_epochs`` x mini-batch updates with the algorithm's loss -> weight sync -> log and
 checkpoint. Resuming restores the policy, optimizer, prompt order and step; rollout seeds depend
 on (seed, step), so a resumed run sees the same data.
+
+``algorithm.off_policy_steps=1``: step t+1's prompts are drawn and generated (engine thread on
+the sender, weights of step t-1) while step t trains; the sync after step t waits for that
+generation. Step t+1 then trains on samples one step stale (recorded per sample:
+``RolloutBatch.behaviour_step``, logged as ``off_policy/staleness_*``), corrected by the TIS
+weight against the recorded engine log-probs. The first step of a run and every step after a
+``checkpoint.save_interval`` step generate on-policy (nothing runs ahead across a checkpoint
+step), so a run resumed from any such checkpoint equals the uninterrupted run (docs/algorithm.md).
 """
 
 from __future__ import annotations
@@ -18,17 +26,19 @@ import logging
 import time
 
 import torch
+import torch.distributed as dist
 
 from prism_megatron.algorithms.advantages import grpo_advantages
 from prism_megatron.algorithms.sampling import keep_informative_groups, overlong_penalty
-from prism_megatron.config import PrismConfig
+from prism_megatron.config import ConfigError, PrismConfig
 from prism_megatron.data.sampler import ResumableSampler
 from prism_megatron.distributed import shard_map
 from prism_megatron.errors import PrismError
 from prism_megatron.rewards.verifiable import score_responses
-from prism_megatron.rl.batch import RolloutBatch
-from prism_megatron.rl.policy import Policy, check_rl_config, response_metrics
-from prism_megatron.runtime import Checkpoints, StepResult, stage_session
+from prism_megatron.rl.batch import RolloutBatch, is_local
+from prism_megatron.rl.policy import Policy, check_rl_config, response_metrics, samples_received
+from prism_megatron.rl.timing import StepTimer
+from prism_megatron.runtime import Checkpoints, Snapshot, StepResult, stage_session
 
 log = logging.getLogger("prism.rlvr")
 RLVR_ALGORITHMS = ("grpo", "dapo", "gspo")
@@ -36,12 +46,29 @@ RLVR_ALGORITHMS = ("grpo", "dapo", "gspo")
 
 def score(batch: RolloutBatch, cfg) -> None:
     """Rule rewards (spec §5) + DAPO's overlong term (spec §6.3) per sample, into ``batch``;
-    each sample is scored on one rank (``shard_map``) and the scores are shared."""
+    each sample is scored on one rank and the scores are shared as scalars: a broadcast batch
+    round-robin over the world (``shard_map``), a scattered one by the first tensor- and
+    pipeline-parallel rank of the data-parallel rank that holds it."""
     r = cfg.rewards
-    pairs = [(s.text, batch.prompt_of(i).answer) for i, s in enumerate(batch.samples)]
-    results = shard_map(lambda part: score_responses(
-        [t for t, _ in part], [a for _, a in part], num_workers=r.num_workers,
-        accuracy_weight=r.accuracy_weight, format_weight=r.format_weight), pairs)
+
+    def run(indices: list[int]) -> list:
+        return list(score_responses(
+            [batch.samples[i].text for i in indices], [batch.prompt_of(i).answer for i in indices],
+            num_workers=r.num_workers, accuracy_weight=r.accuracy_weight,
+            format_weight=r.format_weight)) if indices else []
+
+    if all(is_local(s) for s in batch.samples):
+        results = shard_map(run, list(range(len(batch))))
+    else:
+        from megatron.core import parallel_state as ps
+
+        scorer = (ps.get_tensor_model_parallel_rank() == 0
+                  and ps.get_pipeline_model_parallel_rank() == 0)
+        mine = [i for i, s in enumerate(batch.samples) if scorer and is_local(s)]
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, dict(zip(mine, run(mine))))
+        merged = {i: res for part in parts for i, res in part.items()}
+        results = [merged[i] for i in range(len(batch))]
     shaping = overlong_penalty(batch.response_lengths().long(), cfg.rollout.max_new_tokens,
                                r.overlong_buffer, r.overlong_penalty_factor)
     batch.rewards = torch.tensor([res.score + float(p) for res, p in zip(results, shaping)])
@@ -49,12 +76,15 @@ def score(batch: RolloutBatch, cfg) -> None:
     batch.format_ok = torch.tensor([bool(res.format_ok) for res in results])
 
 
-def collect(policy, dataset, sampler, cfg, step: int) -> tuple[RolloutBatch, dict]:
+def collect(policy, dataset, sampler, cfg, step: int, *, version: int = -1, first=None,
+            timer: StepTimer | None = None) -> tuple[RolloutBatch, dict]:
     """Generation rounds until ``prompts_per_step`` groups are kept (one round without dynamic
-    sampling). Every rank computes the same thing from the broadcast samples."""
+    sampling); ``first``: round 0's batch, generated ahead (one-step-off-policy). Every rank
+    computes the same thing from the samples' scalars. ``rollout`` / ``reward`` go into
+    ``timer``."""
     a = cfg.algorithm
+    timer = timer or StepTimer()
     kept_batches, kept = [], 0
-    timings = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
     generated = rounds = 0
     while kept < a.prompts_per_step:
         if rounds == a.max_num_gen_batches:
@@ -63,15 +93,20 @@ def collect(policy, dataset, sampler, cfg, step: int) -> tuple[RolloutBatch, dic
                 f"{rounds} generation rounds (algorithm.max_num_gen_batches): every other group "
                 "was all-correct or all-wrong. Raise max_num_gen_batches or "
                 "gen_batch_prompts, or use easier/harder prompts")
-        count = (a.gen_batch_prompts or a.prompts_per_step) if a.dynamic_sampling \
-            else a.prompts_per_step
-        prompts = [dataset[i] for i in sampler.next_indices(count)]
-        start = time.perf_counter()
-        batch = policy.generate(prompts, step, rounds)
-        timings["time/rollout_s"] += time.perf_counter() - start
-        start = time.perf_counter()
-        score(batch, cfg)
-        timings["time/reward_s"] += time.perf_counter() - start
+        if rounds == 0 and first is not None:
+            batch = first
+        else:
+            count = (a.gen_batch_prompts or a.prompts_per_step) if a.dynamic_sampling \
+                else a.prompts_per_step
+            prompts = [dataset[i] for i in sampler.next_indices(count)]
+            start = time.perf_counter()
+            # Scattered unless DAPO selects groups from the rounds (the training layout is known
+            # only then).
+            batch = policy.generate(prompts, step, rounds, version=version,
+                                    scatter=not a.dynamic_sampling)
+            timer.add("rollout", time.perf_counter() - start, int(batch.response_lengths().sum()))
+        with timer.phase("reward"):
+            score(batch, cfg)
         keep = torch.ones(len(batch), dtype=torch.bool)
         if a.dynamic_sampling:
             keep = keep_informative_groups(batch.accuracy, batch.group)
@@ -80,10 +115,29 @@ def collect(policy, dataset, sampler, cfg, step: int) -> tuple[RolloutBatch, dic
         groups = groups[:a.prompts_per_step - kept]
         kept_batches.append(batch.select_groups(groups))
         kept += len(groups)
-        generated += len(prompts)
+        generated += batch.num_groups
         rounds += 1
-    return RolloutBatch.concat(kept_batches), {**timings, "gen_rounds": rounds,
+    return RolloutBatch.concat(kept_batches), {"gen_rounds": rounds,
                                                "groups_kept": kept / generated}
+
+
+def staleness_metrics(batch: RolloutBatch, step: int) -> dict[str, float]:
+    """Trained policy version (``step - 1``) minus each sample's behaviour version."""
+    stale = (step - 1 - batch.behaviour_step).float()
+    return {"off_policy/staleness_mean": float(stale.mean()),
+            "off_policy/staleness_max": float(stale.max())}
+
+
+def check_behaviour_log_probs(batch: RolloutBatch) -> None:
+    """Off-policy samples need the engine's log-probs (the TIS weight's denominator); every rank
+    sees the same answer (a ``RemoteSample`` carries it)."""
+    for s in batch.samples:
+        ok = len(s.logprobs) == len(s.token_ids) if is_local(s) else s.has_log_probs
+        if not ok:
+            raise ConfigError(
+                "algorithm.off_policy_steps=1 needs the engine's log-prob of every sampled token, "
+                f"and a {len(s)}-token sample came without them: use an engine that returns "
+                "them, or algorithm.off_policy_steps=0")
 
 
 def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
@@ -110,17 +164,44 @@ def run(cfg: PrismConfig) -> dict:
         policy = Policy(cfg, processor, total)
         session.cleanup(policy.shutdown)
         sampler = ResumableSampler(len(dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
-        checkpoints = Checkpoints(cfg, policy.trainer, state={"sampler": sampler})
+        sampler_state = Snapshot(sampler)   # the sampler runs a step ahead when off-policy
+        checkpoints = Checkpoints(cfg, policy.trainer, state={"sampler": sampler_state})
         start = checkpoints.resume()
         policy.sync()      # the engine loaded model.hf_dir: give it the trainer's weights
 
+        engine_version = [start]   # trained steps of the weights the engine holds
+        ahead: dict[int, tuple[RolloutBatch, dict]] = {}   # step -> batch generated ahead
+
         def one_step(step: int) -> StepResult:
-            batch, metrics = collect(policy, dataset, sampler, cfg, step)
+            timer = StepTimer()
+            first, drawn = ahead.pop(step, (None, None))
+            batch, metrics = collect(policy, dataset, sampler, cfg, step,
+                                     version=engine_version[0], first=first, timer=timer)
+            sampler_state.at(drawn or sampler.state_dict())   # what a checkpoint here resumes
+            pending = None
+            if a.off_policy_steps and step < total and step % cfg.checkpoint.save_interval:
+                # Step t+1 on the engine (weights of step t-1) while step t trains. Not at
+                # checkpoint steps: a run resumed there regenerates t+1 on-policy, and so must
+                # the uninterrupted run for the two to be equal.
+                prompts = [dataset[i] for i in sampler.next_indices(a.prompts_per_step)]
+                pending = policy.launch(prompts, step + 1, version=engine_version[0])
+                drawn = sampler.state_dict()
+            if a.off_policy_steps:
+                check_behaviour_log_probs(batch)
             metrics.update(batch_metrics(batch))
+            metrics.update(staleness_metrics(batch, step))
+            metrics.update(samples_received(batch))
             batch.advantages = grpo_advantages(batch.rewards, batch.group,
                                                norm_by_std=a.norm_adv_by_std).float()
-            metrics.update(policy.train(batch))
-            metrics["time/sync_s"] = policy.sync()
+            metrics.update(policy.train(batch, timer))
+            if pending is not None:        # never sync while the engine generates
+                nxt, seconds, waited = policy.receive(pending, scatter=True)
+                timer.add("wait_generation", waited)
+                timer.add("rollout", seconds, int(nxt.response_lengths().sum()))
+                ahead[step + 1] = (nxt, drawn)
+            timer.add("sync", policy.sync())
+            engine_version[0] = step
+            metrics.update(timer.metrics())
             return StepResult(metrics, len(batch), batch.tokens())
 
         metrics = session.train_loop(
