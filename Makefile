@@ -20,13 +20,17 @@ $(STAMP): $(REQS)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# CUDA machines: sglang (it pins torch==2.14.1, transformers and tokenizers), then Transformer
-# Engine, which compiles against the installed torch and so must see it (--no-build-isolation).
+# CUDA machines: sglang, with requirements.txt as constraints so that no pin of ours moves (its
+# torch, transformers, tokenizers and numpy needs equal them), then Transformer Engine: its torch
+# extension is an sdist that compiles against the installed torch, so it must see it
+# (--no-build-isolation) and the build tools its setup.py imports without declaring (wheel).
 install-gpu: install
-	$(BIN)/pip install -q $$(grep -E '^sglang' requirements-gpu.txt)
+	$(BIN)/pip install -q -c requirements.txt $$(grep -E '^sglang' requirements-gpu.txt)
 	$(BIN)/pip install -q wheel ninja packaging
-	$(BIN)/pip install -q --no-build-isolation $$(grep -E '^transformer-engine' requirements-gpu.txt)
-	$(BIN)/python -c "import sglang, transformer_engine; print('gpu extras: sglang', sglang.__version__)"
+	$(BIN)/pip install -q --no-build-isolation -c requirements.txt \
+		$$(grep -E '^transformer-engine' requirements-gpu.txt)
+	$(BIN)/pip check
+	$(BIN)/python -c "import sglang, transformer_engine.pytorch; print('gpu extras: sglang', sglang.__version__)"
 
 install-eval: $(EVAL_STAMP)
 

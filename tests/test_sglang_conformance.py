@@ -29,7 +29,8 @@ LIGHT_DEPS = ["msgspec==0.23.0", "pyzmq==27.3.0", "orjson==3.13.0", "pybase64==1
               "aiohappyeyeballs==2.7.1", "aiosignal==1.4.0", "frozenlist==1.8.0",
               "apache-tvm-ffi==0.1.15.post2", "sentencepiece==0.2.3",
               "compressed-tensors==0.20.1", "loguru==0.7.3", "gguf==0.19.0", "openai==3.57.0",
-              "sniffio==1.3.1", "partial-json-parser==0.2.1.1.post7"]
+              "sniffio==1.3.1", "partial-json-parser==0.2.1.1.post7",
+              "httpx2==2.16.2", "httpcore2==2.16.2"]   # openai 3.57 imports httpx2
 
 
 @pytest.fixture(scope="session")

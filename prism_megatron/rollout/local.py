@@ -313,7 +313,7 @@ class LocalEngine(RolloutEngine):
             deltas = torch.zeros(len(prepared), dtype=torch.long)
         cache = _new_cache(self.model.config.text_config)
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
-                         pixel_values=pixel_values, image_grid_thw=grid, cache=cache,
+                         pixel_values=pixel_values, image_grid_thw=grid, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float(), cache, attn, lengths + deltas
 
@@ -352,7 +352,7 @@ class LocalEngine(RolloutEngine):
             attn = torch.cat([attn, attn.new_ones((len(active), 1))], dim=1)
             position_ids = next_pos.view(1, -1, 1).expand(3, -1, 1)
             out = self.model(input_ids=tokens[:, None], attention_mask=attn,
-                             position_ids=position_ids, cache=cache, use_cache=True)
+                             position_ids=position_ids, past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
 
