@@ -151,6 +151,11 @@ class RolloutEngine(ABC):
     def health(self) -> dict[str, Any]:
         """``{"ok": bool, ...}``; never raises for a dead engine, it reports it."""
 
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[torch.Tensor]:
+        """The first ``truncate_size`` rows of the engine's tensor ``name`` as fp32, one per
+        server (SGLang's ``/get_weights_by_name``); the weight sync's spot check reads it."""
+        raise WeightUpdateError(f"{type(self).__name__} cannot report its weights")
+
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
         """Free accelerator memory between phases (``weights`` / ``kv_cache``; None: all).
         A no-op unless the engine supports it."""

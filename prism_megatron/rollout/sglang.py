@@ -581,9 +581,47 @@ class SGLangEngine(RolloutEngine):
             self._check_update(s, "/update_weights_from_disk", {"model_path": path})
         self._weights = ("disk", path)
 
-    def _check_update(self, s: _Server, path: str, payload: dict) -> None:
+    def init_weights_update_group(self, server: int, *, master_address: str, master_port: int,
+                                  rank_offset: int, world_size: int, group_name: str,
+                                  backend: str) -> None:
+        """``/init_weights_update_group`` on one server: its TP ranks join ``group_name`` as
+        ranks ``rank_offset ..``; the call returns once the whole group has formed, so the
+        trainer's rank 0 joins concurrently (``weight_sync``). Never retried (a rendezvous)."""
+        payload = {"master_address": master_address, "master_port": int(master_port),
+                   "rank_offset": int(rank_offset), "world_size": int(world_size),
+                   "group_name": group_name, "backend": backend}
+        self._check_update(self.servers[server], "/init_weights_update_group", payload,
+                           retry=False)
+
+    def update_weights_from_distributed(self, server: int, names: list[str], dtypes: list[str],
+                                        shapes: list[list[int]], group_name: str) -> None:
+        """``/update_weights_from_distributed`` on one server for one bucket that the trainer
+        broadcasts on ``group_name`` meanwhile (SGLang's ``flattened_bucket`` layout). The
+        cache is flushed once after the whole sync, not per bucket. Never retried."""
+        payload = {"names": list(names), "dtypes": list(dtypes),
+                   "shapes": [list(map(int, x)) for x in shapes], "group_name": group_name,
+                   "flush_cache": False, "load_format": "flattened_bucket"}
+        self._check_update(self.servers[server], "/update_weights_from_distributed", payload,
+                           retry=False)
+        self._weights = ("tensor", None)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[torch.Tensor]:
+        """``/get_weights_by_name`` on every server: the first ``truncate_size`` rows, fp32."""
+        out = []
+        for s in self.servers:
+            try:
+                value = self._post(s, "/get_weights_by_name",
+                                   {"name": name, "truncate_size": int(truncate_size)})
+            except RolloutRequestError as e:
+                raise WeightUpdateError(str(e)) from None
+            if value is None:
+                raise WeightUpdateError(f"{s.url}/get_weights_by_name answered nothing for {name}")
+            out.append(torch.tensor(value, dtype=torch.float32))
+        return out
+
+    def _check_update(self, s: _Server, path: str, payload: dict, *, retry: bool = True) -> None:
         try:
-            out = self._post(s, path, payload)
+            out = self._post(s, path, payload, retry=retry)
         except RolloutRequestError as e:
             raise WeightUpdateError(str(e)) from None
         if isinstance(out, dict) and out.get("success") is False:
