@@ -118,7 +118,11 @@ class RolloutConfig:
     weights_cpu_backup: bool = False   # --enable-weights-cpu-backup: released weights survive in host RAM
     # --enable-deterministic-inference: SGLang honours sampling_seed (own RNG, slower kernels)
     deterministic: bool = False
-    weight_sync: str = "tensor"        # tensor (update_weights_from_tensor) | disk (safetensors dir)
+    # auto: tensor for an in-process engine and servers on this node (launched here or at a
+    # loopback url), distributed for servers elsewhere | tensor (update_weights_from_tensor) |
+    # distributed (each PP stage broadcasts its layers to the servers) | disk (safetensors dir)
+    weight_sync: str = "auto"
+    weight_check_tensors: int = 2      # tensors per sending rank read back after a sync (0 = off)
 
 
 @dataclass
@@ -257,6 +261,7 @@ CHOICES = {
     "optimizer.schedule": ("cosine", "constant", "linear"),
     "optimizer.main_grads_dtype": ("fp32", "bf16"),
     "rollout.engine": ("local", "sglang"),
+    "rollout.weight_sync": ("auto", "tensor", "distributed", "disk"),
     "algorithm.name": ("grpo", "dapo", "gspo", "prism"),
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
                            "seq-mean-token-sum-norm"),
@@ -296,6 +301,7 @@ RANGES = (
     ("rollout.weight_bucket_mb", 1, True, None, None), ("rollout.num_servers", 1, True, None, None),
     ("rollout.launch_timeout_s", 0, False, None, None),
     ("rollout.request_timeout_s", 0, False, None, None), ("rollout.max_retries", 0, True, None, None),
+    ("rollout.weight_check_tensors", 0, True, None, None),
     ("rewards.accuracy_weight", 0, True, None, None), ("rewards.format_weight", 0, True, None, None),
     ("rewards.num_workers", 0, True, None, None), ("rewards.overlong_buffer", 0, True, None, None),
     ("rewards.overlong_penalty_factor", 0, True, None, None),

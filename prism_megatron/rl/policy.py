@@ -125,7 +125,7 @@ class Policy:
         phase_generate(self.engine, lambda: sync_weights(
             self.model, self.engine, self.hf_config, bucket_mb=r.weight_bucket_mb,
             mode=r.weight_sync, disk_dir=f"{self.cfg.logging.run_dir}/weight_sync",
-            hf_dir=self.cfg.model.hf_dir))
+            hf_dir=self.cfg.model.hf_dir, check_tensors=r.weight_check_tensors))
         return time.perf_counter() - start
 
     # ---- training ---------------------------------------------------------------------

@@ -151,6 +151,10 @@ class RolloutEngine(ABC):
     def health(self) -> dict[str, Any]:
         """``{"ok": bool, ...}``; never raises for a dead engine, it reports it."""
 
+    def preferred_weight_sync(self) -> str:
+        """What ``rollout.weight_sync=auto`` becomes for this engine (see ``weight_sync``)."""
+        return "tensor"
+
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[torch.Tensor]:
         """The first ``truncate_size`` rows of the engine's tensor ``name`` as fp32, one per
         server (SGLang's ``/get_weights_by_name``); the weight sync's spot check reads it."""

@@ -939,6 +939,7 @@ class Handler(BaseHTTPRequestHandler):
                          "memory_released": sorted(self.worker.released),
                          "weights_garbage": self.worker.weights_garbage,
                          "weight_update_session": self.worker.session_open,
+                         "weight_update_groups": sorted(self.worker.groups),
                          "in_flight_requests": self.worker.in_flight,
                          "max_batch_rows": self.worker.max_rows, "version": self.server_version,
                          "context_length": getattr(self.engine, "context_length", None),

@@ -238,6 +238,16 @@ class SGLangEngine(RolloutEngine):
                     self.image_token_id = int(token)
                     break
 
+    def preferred_weight_sync(self) -> str:
+        """``tensor`` when every server is on this node (launched here, or attached at a loopback
+        url: CUDA-IPC / the CPU server's body reach it), else ``distributed`` (servers on other
+        nodes: a broadcast over the weight-update group, no shared filesystem needed)."""
+        from prism_megatron.rollout.groups import is_loopback
+
+        if all(s.managed or is_loopback(s.url) for s in self.servers):
+            return "tensor"
+        return "distributed"
+
     @property
     def server_versions(self) -> dict[str, str | None]:
         return {s.url: s.info.get("version") for s in self.servers}

@@ -307,7 +307,7 @@ def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
         yield bucket
 
 
-MODES = ("tensor", "distributed", "disk")
+MODES = ("tensor", "distributed", "disk")     # and "auto": the engine's preferred_weight_sync()
 CHECK_ROWS = 4      # rows of each spot-checked tensor that the engine reports (truncate_size)
 
 
@@ -326,8 +326,10 @@ def sync_weights(model, engine, hf_config, *, bucket_mb: float = 512, mode: str 
     engine (``get_weights_by_name``) and compared with what was sent; a difference raises
     ``WeightUpdateError``. Returns the stats on the sending rank(s), None elsewhere.
     """
+    if mode == "auto":
+        mode = resolve_mode(engine)
     if mode not in MODES:
-        raise RolloutError(f"weight sync mode {mode!r} is not one of {list(MODES)}")
+        raise RolloutError(f"weight sync mode {mode!r} is not one of {['auto', *MODES]}")
     if mode == "disk" and disk_dir is None:
         raise RolloutError("weight sync mode 'disk' needs disk_dir")
     groups = _Groups.current()
@@ -369,6 +371,17 @@ def sync_weights(model, engine, hf_config, *, bucket_mb: float = 512, mode: str 
     stats.seconds = time.time() - t0
     log.info("weight sync (%s): rank %d sent %s", mode, stats.rank, stats)
     return stats
+
+
+def resolve_mode(engine) -> str:
+    """``auto`` -> the sender's engine's ``preferred_weight_sync()``, the same on every rank
+    (broadcast from rank 0, the sender; collective)."""
+    box = [engine.preferred_weight_sync() if engine is not None else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise RolloutError("rollout.weight_sync=auto: rank 0 has no engine to choose by")
+    return box[0]
 
 
 def _rank() -> int:
@@ -487,7 +500,8 @@ def _connect(engine, groups: _Groups, plan) -> "_StageSender":
         dist.broadcast_object_list(box, src=groups.pp_first_global, group=groups.pp_group)
         info = box[0]
     backend = "nccl" if next(iter(plan.params.values())).is_cuda else "gloo"
-    key = (tuple(info["urls"]), info["tp"], groups.pp_rank, backend, plan.builds)
+    lock = tuple(info["lock"]) if info["lock"] else None
+    key = (tuple(info["urls"]), info["tp"], groups.pp_rank, backend, lock)
     sender = _SENDERS.get(key)
     if sender is not None and not sender.broken:
         return sender
