@@ -64,7 +64,7 @@ def check_rl_config(cfg, algorithms: tuple[str, ...]) -> None:
 class Policy:
     def __init__(self, cfg, processor, total_steps: int):
         from prism_megatron.models.qwen3_vl.model import build_qwen3vl_model, load_initial_weights
-        from prism_megatron.rollout import make_engine
+        from prism_megatron.rollout import make_rank_engine
         from prism_megatron.rollout.weight_sync import is_sender
         from prism_megatron.trainer import Trainer
 
@@ -81,8 +81,9 @@ class Policy:
             load_initial_weights(self.reference, cfg.model)
             self.reference.requires_grad_(False)
         self.settings = lp.LossSettings.from_config(cfg.algorithm, cfg.rollout.temperature)
-        self.engine = (make_engine(cfg.rollout, cfg.model.hf_dir, cfg.data) if is_sender()
-                       else None)
+        # the sender's engine (None elsewhere); with rollout.servers_per_node every node's
+        # local rank 0 launches its node's servers first (collective)
+        self.engine = make_rank_engine(cfg.rollout, cfg.model.hf_dir, cfg.data, sender=is_sender())
         if self.engine is not None:
             status = self.engine.health()
             if not status.get("ok"):

@@ -4,7 +4,9 @@ It either launches servers as managed subprocesses (``python -m sglang.launch_se
 ``python -m prism_megatron.rollout.serve`` on CPU: ``server="sglang" | "prism"``, or any
 ``launch_command``) and waits until ``/health_generate`` answers, or attaches to running ones
 (``urls``; an sglang-router URL counts as one server). Several servers are used data-parallel:
-prompts are spread round-robin, weight updates go to all of them.
+prompts are dispatched balanced by expected tokens (prompt tokens + n x the running mean
+response length, largest first onto the least loaded server; ``last_dispatch``), weight updates
+go to all of them.
 
 Requests use SGLang's native API. One ``/generate`` call per prompt carries its ``n`` samples in
 batch form (the same ``input_ids`` / images ``n`` times), each with its own ``sampling_seed``
@@ -145,8 +147,13 @@ class SGLangEngine(RolloutEngine):
                  max_concurrency: int = 64, image_token_id: int | None = None,
                  wire_format: str | None = None, log_dir: str | Path | None = None,
                  env: dict[str, str] | None = None, min_pixels: int | None = None,
-                 max_pixels: int | None = None, flush_timeout_s: float = 60.0):
+                 max_pixels: int | None = None, flush_timeout_s: float = 60.0,
+                 host: str = "127.0.0.1", owned: Sequence["SGLangEngine"] = ()):
         self.tp, self.mem_fraction = tp, mem_fraction
+        # host: the address launched servers listen on and are reached at (a node's own
+        # address when other nodes dispatch to them); owned: engines whose servers this one
+        # stops at shutdown (a node owner's, when the sender attaches to every node's servers)
+        self.host, self.owned = host, list(owned)
         # the stage's data.min_pixels / max_pixels: launched servers preprocess raw images with
         # the same budget as the trainer's processor (attached servers are the operator's)
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
@@ -159,7 +166,8 @@ class SGLangEngine(RolloutEngine):
         self.launch_timeout_s = launch_timeout_s
         self.model_path = str(model_path) if model_path else None
         self.env = env
-        self._rr = 0
+        self._response_len = 0.0            # running mean response length (dispatch cost)
+        self.last_dispatch: list[int] = []   # expected tokens sent to each server last call
         self._weights: tuple[str, str | None] = ("initial", None)   # what a restart must restore
         self._warned_prompt_len = False
         self._closed = False
@@ -191,7 +199,7 @@ class SGLangEngine(RolloutEngine):
         self.servers = []
         for k in range(num_servers):
             port = free_port()
-            self.servers.append(_Server(f"http://127.0.0.1:{port}", launch_command(k, port),
+            self.servers.append(_Server(f"http://{self.host}:{port}", launch_command(k, port),
                                         log_path=self._log_dir / f"server{k}-{port}.log"))
         atexit.register(self.shutdown)
         try:
@@ -258,7 +266,7 @@ class SGLangEngine(RolloutEngine):
 
         def command(k: int, port: int) -> list[str]:
             cmd = [sys.executable, "-m", module, "--model-path", self.model_path,
-                   "--host", "127.0.0.1", "--port", str(port)]
+                   "--host", self.host, "--port", str(port)]
             if server == "sglang":
                 cmd += ["--tp-size", str(self.tp), "--mem-fraction-static", str(self.mem_fraction),
                         "--base-gpu-id", str(k * self.tp)]
@@ -446,21 +454,29 @@ class SGLangEngine(RolloutEngine):
             base["stop_token_ids"] = list(params.stop_token_ids)
         if params.ignore_eos:
             base["ignore_eos"] = True
-        start, self._rr = self._rr, self._rr + len(prompts)
+        expected = self._response_len or params.max_new_tokens
+        costs = [len(p.input_ids) + n * expected for p in prompts]
+        assignment, self.last_dispatch = balance(costs, len(self.servers))
         jobs = []
         for i, prompt in enumerate(prompts):
             seeds = sample_seeds(params, i, n)
             sps = [base if s is None else {**base, "sampling_seed": s} for s in seeds]
-            jobs.append((self.servers[(start + i) % len(self.servers)], prompt, sps))
+            jobs.append((self.servers[assignment[i]], prompt, sps))
         workers = max(1, min(self.max_concurrency, len(jobs)))
         with ThreadPoolExecutor(workers, thread_name_prefix="rollout-client") as pool:
             futures = [pool.submit(self._generate_one, *job) for job in jobs]
             try:
-                return [f.result() for f in futures]
+                results = [f.result() for f in futures]
             except BaseException:
                 for f in futures:
                     f.cancel()
                 raise
+        lengths = [len(s) for group in results for s in group]
+        if lengths:   # what the next call expects per response (a running mean)
+            mean = sum(lengths) / len(lengths)
+            self._response_len = mean if not self._response_len else \
+                0.5 * self._response_len + 0.5 * mean
+        return results
 
     def _generate_one(self, s: _Server, prompt: RolloutPrompt, sps: list[dict]) -> list[Sample]:
         ids = prompt.input_ids
@@ -702,6 +718,21 @@ class SGLangEngine(RolloutEngine):
         for s in getattr(self, "servers", []):
             if s.managed:
                 self._stop(s)
+        for other in getattr(self, "owned", []):
+            other.shutdown()
+
+
+def balance(costs: Sequence[float], bins: int) -> tuple[list[int], list[int]]:
+    """Assign items to ``bins`` servers, largest first onto the least loaded (LPT): the
+    expected tokens per server end within one item of each other. Returns (server of each
+    item, expected tokens per server); ties go to the lowest server index."""
+    loads = [0.0] * bins
+    where = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        k = min(range(bins), key=lambda b: (loads[b], b))
+        where[i] = k
+        loads[k] += costs[i]
+    return where, [int(x) for x in loads]
 
 
 def _processor_size(model_dir: Path) -> dict[str, int]:
