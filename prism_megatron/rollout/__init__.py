@@ -1,8 +1,10 @@
 """Rollout engines: n samples per multimodal prompt from the current policy, and weight sync.
 
     engine = make_engine(cfg.rollout, hf_dir)            # "local" (CPU) or "sglang"
+    engine = make_rank_engine(cfg.rollout, hf_dir, sender=is_sender())   # servers on every node
     samples = engine.generate(prompts, sampling_params(cfg.rollout, seed=step), n=cfg.rollout.n)
-    sync_weights(model, engine, hf_config, bucket_mb=cfg.rollout.weight_bucket_mb)   # weight_sync
+    sync_weights(model, engine, hf_config, bucket_mb=cfg.rollout.weight_bucket_mb,
+                 mode=cfg.rollout.weight_sync)    # auto | tensor | distributed | disk
 
 Around training (``rollout.release_memory_between_phases``; every rank, engine None off the
 sender): ``phase_train(engine)`` before the optimizer steps, ``phase_generate(engine, lambda:
@@ -10,7 +12,9 @@ sync_weights(...))`` before the next generation (resume weights -> sync -> resum
 
 Modules: ``base`` (interface, params, log-prob convention), ``local`` (CPU engine), ``serve``
 (the CPU engine behind SGLang's HTTP API), ``sglang`` (the HTTP client / server manager),
-``weight_sync`` (Megatron -> HF-named buckets through the conversion mapping).
+``weight_sync`` (Megatron -> HF-named buckets through the conversion mapping), ``groups`` (the
+weight-update process group with the servers and its flattened buckets). docs/rollout.md has
+the weight-sync modes and the placement of servers.
 """
 
 from __future__ import annotations

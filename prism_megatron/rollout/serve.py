@@ -15,14 +15,25 @@ a GPU:
     POST /update_weights_from_disk      {"model_path": DIR}
     POST /update_weights_from_tensor    {"serialized_named_tensors": [B64], "load_format":
                                          "prism_safetensors", "flush_cache": true}
+    POST /init_weights_update_group     {master_address, master_port, rank_offset, world_size,
+                                         group_name, backend: "gloo"}: joins the trainer's group
+    POST /update_weights_from_distributed  {names, dtypes, shapes, group_name, load_format:
+                                         "flattened_bucket" | null}: receives rank 0's broadcast
+    POST /get_weights_by_name           {name, truncate_size}: the first rows of a tensor (fp32)
 
 It refuses what SGLang 0.5.23 refuses, with SGLang's messages: tensor updates outside a
 ``/begin_weight_update`` .. ``/end_weight_update`` session (400); an ``input_ids`` prompt with
 more ``<|image_pad|>`` tokens than images (SGLang counts every pad as one image and fails with an
 IndexError, HTTP 500; one pad per image is the only form it takes); ``/flush_cache`` while
 requests are queued or decoding (400); memory release while requests run (400); resuming a tag
-that is not released (SGLang's KeyError, 400). Unknown tensor names in an update are skipped
-with a warning, as SGLang's loaders skip them.
+that is not released (SGLang's KeyError, 400). Distributed updates are refused (400, before any
+broadcast is received, so the sender fails instead of hanging) outside a session or for a group
+not initialised; the group is joined as SGLang joins it (a TCP rendezvous at the trainer's
+``master_address:master_port``, a ``PrefixStore(group_name)``, torch's group helper) with gloo
+instead of NCCL, and a bucket is received in the worker thread between batches. Unknown tensor
+names in a tensor or distributed update are skipped with a warning, as SGLang's loaders skip
+them; ``/get_weights_by_name`` of an unknown name is SGLang's 400 "Get parameter by name
+failed".
 
 Memory (``--enable-memory-saver``, as SGLang's): releasing ``weights`` zeroes them (what a GPU
 gives back after the memory saver is garbage; here it is zeros, so a missed sync is visible as

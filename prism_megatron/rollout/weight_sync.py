@@ -2,23 +2,42 @@
 
 The names and the TP merge rules come from the one conversion mapping
 (``prism_megatron/models/<family>/mapping.py`` through ``prism_megatron.convert``): this module
-only walks the table, gathers and moves tensors, it has no name table of its own.
+only walks the table, gathers and moves tensors, it has no name table of its own. The plan (the
+table expanded for this model, each entry's stage and local parameter) is built and checked on
+the first sync and reused until the layout changes (``plan_for``).
 
 Data flow (call ``sync_weights`` on EVERY rank; it is a collective):
 
 * each tensor of the table, in table order, is handled by the pipeline stage that owns it;
-  tensor-parallel shards are all-gathered on the TP group and merged by the mapping's rule into
-  HF tensors (QKV split, SwiGLU split, vocab padding stripped);
-* stages other than the first send their HF tensors to the first stage's TP rank 0 (point to
-  point on the pipeline group), which is the only rank that talks to the engine;
-* that rank packs tensors into buckets of at most ``bucket_mb`` (one larger tensor travels
-  alone) and pushes each bucket to the engine (``update_weights``) or writes it as a safetensors
-  shard of a directory that the engine then reloads (``update_weights_from_disk``).
+  tensor-parallel shards are all-gathered on the TP group (within the stage) and merged by the
+  mapping's rule into HF tensors (QKV split, SwiGLU split, vocab padding stripped);
+* ``tensor`` / ``disk``: stages other than the first send their HF tensors to the first stage's
+  TP rank 0 (point to point on the pipeline group), the only rank that talks to the engine; it
+  packs buckets of at most ``bucket_mb`` (one larger tensor travels alone) and pushes each
+  (``update_weights``: CUDA-IPC handles to SGLang, base64 safetensors to the CPU server) or
+  writes it as a safetensors shard of a directory the engine then reloads;
+* ``distributed`` (SGLang servers anywhere): every stage's tp0 rank of data-parallel replica 0
+  is a sender of its OWN stage's buckets. Once per server and sender it opens a process group
+  with all servers' TP ranks (``/init_weights_update_group``, ``groups.join_group``; NCCL on
+  GPUs, gloo on CPU); per bucket each server is asked to receive (``/update_weights_from_
+  distributed``, SGLang's ``flattened_bucket``) while the sender broadcasts the flattened bytes.
+  Rank 0 opens one weight-update session around all stages' buckets; at PP > 1 a lock in a TCP
+  store hosted by rank 0 lets one stage broadcast at a time (two stages' buckets reaching two
+  servers in different orders would deadlock; slime takes the same lock). So the busiest rank
+  moves its stage's share of the model, never the whole model (at PP1 that share is all of it).
+* ``auto``: the engine's ``preferred_weight_sync()`` on rank 0: ``tensor`` for the in-process
+  engine and servers on this node, ``distributed`` for servers reached at another host.
+
+After a sync, ``check_tensors`` tensors per sending rank (spread over its send order) are read
+back (``get_weights_by_name``: the first ``CHECK_ROWS`` rows, every server) and compared with what
+was sent; a difference raises ``WeightUpdateError``. Each sending rank logs its tensors, bytes,
+buckets, seconds and GB/s.
 
 Memory: besides the model, at most one bucket plus the gathered shards and HF tensors of one
 parameter exist at a time; no second copy of the model is built. (Transports add transient
-copies of that one bucket: the CPU server's base64 safetensors body, or a safetensors file.) Data-parallel replicas other
-than the first only take part in the final barrier (they hold the same weights).
+copies of that one bucket: the flattened broadcast buffer, the CPU server's base64 body, or a
+safetensors file.) Data-parallel replicas other than the first only take part in the final
+barrier (they hold the same weights).
 """
 
 from __future__ import annotations
