@@ -198,3 +198,21 @@ def test_megatron_tp2_and_pp2_distributed_sync(make_tiny_model, tmp_path):
     assert tp2["bytes_per_rank"][1] == 0 and tp2["checked_per_rank"] == [3, 0]
     assert all(0 < x < 0.75 * model_bytes for x in pp2["bytes_per_rank"]), pp2
     assert pp2["checked_per_rank"] == [3, 3]
+
+
+def test_spot_check_on_a_model_sglang_cannot_read_back(monkeypatch):
+    """SGLang 0.5.23 answers "Get parameter by name failed" for Qwen models (no
+    get_weights_by_name): the check is skipped with a warning there, never on the CPU server."""
+    from prism_megatron.rollout.base import RolloutRequestError
+
+    def refuse(self, url, payload, timeout, method="POST"):
+        raise RolloutRequestError(f"{url} rejected the request (HTTP 400): Get parameter by "
+                                  f"name failed")
+
+    monkeypatch.setattr(SGLangEngine, "_http", refuse)
+    samples = {"lm_head.weight": torch.zeros(4, 3)}
+    real = SGLangEngine(urls=["http://10.1.2.3:30000"], wire_format="sglang")
+    assert weight_sync.spot_check(real, samples) == 0
+    cpu = SGLangEngine(urls=["http://10.1.2.3:30000"], wire_format="prism")
+    with pytest.raises(WeightUpdateError, match="cannot read lm_head.weight back"):
+        weight_sync.spot_check(cpu, samples)

@@ -64,6 +64,10 @@ class WeightUpdateError(RolloutError):
     """Weights that do not fit the engine's model (unknown names, wrong shapes)."""
 
 
+class WeightReadbackUnsupported(WeightUpdateError):
+    """The server cannot report a tensor (SGLang 0.5.23's Qwen models lack get_weights_by_name)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What SGLang calls ``sampling_params`` (the subset PRISM uses).

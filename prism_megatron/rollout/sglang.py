@@ -83,7 +83,8 @@ import torch
 from prism_megatron.distributed import free_port
 from prism_megatron.rollout.base import (
     KV_CACHE, WEIGHTS, RolloutEngine, RolloutError, RolloutPrompt, RolloutRequestError,
-    RolloutServerError, Sample, SamplingParams, WeightUpdateError, sample_seeds)
+    RolloutServerError, Sample, SamplingParams, WeightReadbackUnsupported, WeightUpdateError,
+    sample_seeds)
 from prism_megatron.rollout.images import collapse_image_pads, image_to_data_url
 
 log = logging.getLogger(__name__)
@@ -632,13 +633,20 @@ class SGLangEngine(RolloutEngine):
         self._weights = ("tensor", None)
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[torch.Tensor]:
-        """``/get_weights_by_name`` on every server: the first ``truncate_size`` rows, fp32."""
+        """``/get_weights_by_name`` on every server: the first ``truncate_size`` rows, fp32.
+
+        Real SGLang answers "Get parameter by name failed" both for an unknown name and for a
+        model without the method (0.5.23: only llama-like models have it, no Qwen): that is
+        ``WeightReadbackUnsupported`` there; the CPU server implements it for every name the
+        model has, so a failure is a plain ``WeightUpdateError``."""
         out = []
         for s in self.servers:
             try:
                 value = self._post(s, "/get_weights_by_name",
                                    {"name": name, "truncate_size": int(truncate_size)})
             except RolloutRequestError as e:
+                if self.wire_format == "sglang" and "Get parameter by name failed" in str(e):
+                    raise WeightReadbackUnsupported(str(e)) from None
                 raise WeightUpdateError(str(e)) from None
             if value is None:
                 raise WeightUpdateError(f"{s.url}/get_weights_by_name answered nothing for {name}")
