@@ -76,3 +76,14 @@ def test_servers_on_every_node(make_tiny_model, tmp_path):
     want = load_file(str(b / "model.safetensors"))["model.language_model.layers.0.mlp.up_proj.weight"]
     assert r["checked"] == 2 and len(r["held"]) == 2
     assert all(torch.equal(torch.tensor(h), want[:2].float()) for h in r["held"])
+
+
+def test_preflight_rollout_combinations():
+    from prism_megatron.config import RolloutConfig
+    from prism_megatron.preflight import check_rollout
+
+    check_rollout(RolloutConfig(engine="sglang", servers_per_node=2, weight_sync="distributed"))
+    with pytest.raises(ConfigError, match="distributed .*needs rollout.engine=sglang"):
+        check_rollout(RolloutConfig(engine="local", weight_sync="distributed"))
+    with pytest.raises(ConfigError, match="servers_per_node .*no rollout.urls"):
+        check_rollout(RolloutConfig(engine="sglang", servers_per_node=1, urls=["http://h:1"]))

@@ -216,3 +216,55 @@ def test_spot_check_on_a_model_sglang_cannot_read_back(monkeypatch):
     cpu = SGLangEngine(urls=["http://10.1.2.3:30000"], wire_format="prism")
     with pytest.raises(WeightUpdateError, match="cannot read lm_head.weight back"):
         weight_sync.spot_check(cpu, samples)
+
+
+@pytest.fixture(scope="module")
+def rl_assets(make_tiny_model, make_synthetic_data, tmp_path_factory):
+    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+
+    model = make_tiny_model("tiny", 0)
+    data = make_synthetic_data(0)
+    megatron = tmp_path_factory.mktemp("wsync-rlvr") / "megatron"
+    convert_hf_to_megatron(model, megatron, fmt="torch_dist", progress=False)
+    return model, data, megatron
+
+
+@pytest.mark.slow  # torchrun + a CPU server process, per layout
+@pytest.mark.dist
+@pytest.mark.parametrize("parallel", [{"pp": 2}, {"tp": 2}], ids=["pp2", "tp2"])
+def test_rlvr_step_with_distributed_sync(tmp_path, rl_assets, parallel):
+    """A full RLVR step at PP2 / TP2 with the engine on the CPU server and
+    weight_sync=distributed: after the update the stale engine is off the trainer, after
+    Policy.sync its log-probs equal the trainer's (1e-4); at PP2 both ranks send (together the
+    model, neither all of it), at TP2 only tp0; both spot checks ran on every sender."""
+    import yaml
+
+    model, data, megatron = rl_assets
+    cfg = {
+        "seed": 0, "train_steps": 1, "parallel": parallel,
+        "model": {"hf_dir": str(model), "megatron_dir": str(megatron)},
+        "optimizer": {"lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0},
+        "data": {"train_files": [str(data / "rl.jsonl")], "max_prompt_length": 512,
+                 "micro_batch_size": 4},
+        "rollout": {"engine": "sglang", "server": "prism", "n": 2, "max_new_tokens": 12,
+                    "weight_sync": "distributed", "weight_bucket_mb": 1,
+                    "weight_check_tensors": 2, "request_timeout_s": 300},
+        "algorithm": {"name": "grpo", "prompts_per_step": 2},
+        "checkpoint": {"enabled": False, "save_interval": 100},
+        "logging": {"run_dir": str(tmp_path / "run"), "tensorboard": False, "plots": False},
+    }
+    config = tmp_path / "rlvr.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out.json"
+    run_torchrun(Path(__file__).parent / "dist" / "weight_sync_rlvr.py", 2, config, out,
+                 timeout=900)
+    r = json.loads(out.read_text())
+    assert r["first"] < 1e-4 and r["stale"] > 1e-3 and r["synced"] < 1e-4, r
+    sent = [x["bytes"] for x in r["per_rank"]]
+    assert {x["mode"] for x in r["per_rank"] if x["mode"]} == {"distributed"}
+    assert sum(sent) == r["model_bytes"], r
+    if "pp" in parallel:
+        assert all(0 < x < 0.75 * r["model_bytes"] for x in sent), r
+        assert [x["checked"] for x in r["per_rank"]] == [2, 2]
+    else:
+        assert sent[1] == 0 and [x["checked"] for x in r["per_rank"]] == [2, 0]
