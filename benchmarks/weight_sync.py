@@ -98,9 +98,13 @@ def run_sync(trainer, engine, config, mode, hf_dir, tmp: Path, bucket_mb, repeat
     """(best seconds, stats of this rank) over ``repeats`` syncs (the first one connects)."""
     from prism_megatron.rollout.weight_sync import sync_weights
 
+    import torch.distributed as dist
+
     kind = {"local": "tensor", "http": "tensor"}.get(mode, mode)
     best, stats = None, None
     for _ in range(repeats):
+        if dist.is_initialized():
+            dist.barrier()   # every rank starts together (rank 0 launched the server first)
         t0 = time.perf_counter()
         stats = sync_weights(trainer, engine, config, bucket_mb=bucket_mb, mode=kind,
                              disk_dir=tmp / "sync" if kind == "disk" else None, hf_dir=hf_dir)
