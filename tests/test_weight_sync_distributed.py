@@ -268,3 +268,19 @@ def test_rlvr_step_with_distributed_sync(tmp_path, rl_assets, parallel):
         assert [x["checked"] for x in r["per_rank"]] == [2, 2]
     else:
         assert sent[1] == 0 and [x["checked"] for x in r["per_rank"]] == [2, 0]
+
+
+def test_plan_is_built_once_and_rebuilt_on_a_layout_change(models):
+    trainer, config = fake_megatron_model(models[1])
+    plan = weight_sync.plan_for(trainer, config)
+    assert weight_sync.plan_for(trainer, config) is plan and plan.builds == 1
+    with torch.no_grad():   # new values in the same parameters: the same plan streams them
+        trainer.language_model.decoder.final_layernorm.weight.mul_(2)
+    streamed = dict(weight_sync.iter_hf_tensors(trainer, config))
+    assert weight_sync.plan_for(trainer, config) is plan
+    assert torch.equal(streamed["model.language_model.norm.weight"],
+                       trainer.language_model.decoder.final_layernorm.weight)
+    norm = trainer.language_model.decoder.final_layernorm
+    norm.weight = torch.nn.Parameter(norm.weight.detach().clone())   # a replaced parameter
+    rebuilt = weight_sync.plan_for(trainer, config)
+    assert rebuilt is not plan and rebuilt.builds == 2

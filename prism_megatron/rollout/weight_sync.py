@@ -209,8 +209,9 @@ _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _layout_key(module, groups: _Groups) -> tuple:
+    # a replaced Parameter object (not just new .data) also rebuilds: the plan holds them
     return (groups.pp_size, groups.tp_size,
-            tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
+            tuple((n, tuple(p.shape), id(p)) for n, p in module.named_parameters()))
 
 
 def plan_for(model, hf_config, groups: _Groups | None = None) -> "_Plan":
