@@ -43,7 +43,13 @@ UUID; a colocated trainer) or the CPU server's (base64 safetensors, see ``serve.
 (used by ``weight_sync.sync_weights`` around a whole sync) calls ``/begin_weight_update`` before
 and ``/end_weight_update`` (the post-load hooks) after; a lone ``update_weights`` opens its own.
 A 404 on those routes means an older server without sessions: they are skipped from then on.
-Attached servers report their ``tp_size`` and ``version`` through ``/server_info``.
+Attached servers report their ``tp_size`` and ``version`` through ``/server_info``. The
+distributed path (``weight_sync``'s stage senders) calls ``/init_weights_update_group`` and, per
+bucket, ``/update_weights_from_distributed`` on one server at a time (never retried: each is half
+of a rendezvous or a broadcast); ``get_weights_by_name`` reads tensors back for the spot check;
+``preferred_weight_sync()`` is what ``rollout.weight_sync=auto`` becomes. ``host`` is where
+launched servers listen and are reached (a node's own address when servers run on every node,
+``rollout.make_rank_engine``); ``owned`` engines are stopped with this one.
 
 Memory: ``release_memory(tags)`` / ``resume_memory(tags)`` call SGLang's
 ``/release_memory_occupation`` / ``/resume_memory_occupation`` (tags ``weights``, ``kv_cache``;
