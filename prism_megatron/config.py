@@ -109,7 +109,10 @@ class RolloutConfig:
     sglang_mem_fraction: float = 0.5
     weight_bucket_mb: int = 512
     server: str = "sglang"             # managed server: sglang | prism (the CPU server, tests/demo)
-    num_servers: int = 1               # managed data-parallel servers (ignored with urls)
+    num_servers: int = 1               # managed data-parallel servers on the first node (not with urls)
+    # > 0: that many managed servers on EVERY node, launched and owned by the node's local
+    # rank 0 (sglang_tp GPUs each); the sender dispatches to all of them. 0: num_servers instead
+    servers_per_node: int = 0
     launch_timeout_s: float = 900.0    # wait for a launched server to answer /health_generate
     request_timeout_s: float = 600.0
     max_retries: int = 3               # per request, exponential backoff from 0.5 s
@@ -118,7 +121,11 @@ class RolloutConfig:
     weights_cpu_backup: bool = False   # --enable-weights-cpu-backup: released weights survive in host RAM
     # --enable-deterministic-inference: SGLang honours sampling_seed (own RNG, slower kernels)
     deterministic: bool = False
-    weight_sync: str = "tensor"        # tensor (update_weights_from_tensor) | disk (safetensors dir)
+    # auto: tensor for an in-process engine and servers on this node (launched here or at a
+    # loopback url), distributed for servers elsewhere | tensor (update_weights_from_tensor) |
+    # distributed (each PP stage broadcasts its layers to the servers) | disk (safetensors dir)
+    weight_sync: str = "auto"
+    weight_check_tensors: int = 2      # tensors per sending rank read back after a sync (0 = off)
 
 
 @dataclass
@@ -258,6 +265,7 @@ CHOICES = {
     "optimizer.schedule": ("cosine", "constant", "linear"),
     "optimizer.main_grads_dtype": ("fp32", "bf16"),
     "rollout.engine": ("local", "sglang"),
+    "rollout.weight_sync": ("auto", "tensor", "distributed", "disk"),
     "algorithm.name": ("grpo", "dapo", "gspo", "prism"),
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
                            "seq-mean-token-sum-norm"),
@@ -297,6 +305,8 @@ RANGES = (
     ("rollout.weight_bucket_mb", 1, True, None, None), ("rollout.num_servers", 1, True, None, None),
     ("rollout.launch_timeout_s", 0, False, None, None),
     ("rollout.request_timeout_s", 0, False, None, None), ("rollout.max_retries", 0, True, None, None),
+    ("rollout.weight_check_tensors", 0, True, None, None),
+    ("rollout.servers_per_node", 0, True, None, None),
     ("rewards.accuracy_weight", 0, True, None, None), ("rewards.format_weight", 0, True, None, None),
     ("rewards.num_workers", 0, True, None, None), ("rewards.overlong_buffer", 0, True, None, None),
     ("rewards.overlong_penalty_factor", 0, True, None, None),
@@ -362,6 +372,10 @@ def validate(cfg: PrismConfig | DictConfig) -> None:
     min_pixels, max_pixels = _get(cfg, "data.min_pixels", None), _get(cfg, "data.max_pixels", None)
     if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
         raise ConfigError(f"data.min_pixels={min_pixels} is above data.max_pixels={max_pixels}")
+    if _get(cfg, "rollout.servers_per_node", 0) and _get(cfg, "rollout.num_servers", 1) > 1:
+        raise ConfigError(f"rollout.servers_per_node={_get(cfg, 'rollout.servers_per_node')} and "
+                          f"rollout.num_servers={_get(cfg, 'rollout.num_servers')}: set one (per "
+                          f"node on every node, or all on the first node)")
     pp_layers = _get(cfg, "parallel.pp_layers", None)
     if pp_layers is not None:
         pp = _get(cfg, "parallel.pp", 1)

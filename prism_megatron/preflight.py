@@ -57,6 +57,7 @@ def check_paths(cfg: PrismConfig, stage: str) -> dict:
                           f"data.global_batch_size={cfg.data.global_batch_size}")
     if stage == "eval":
         return hf
+    check_rollout(cfg.rollout)
     d = cfg.data
     if d.dataset_info and not Path(d.dataset_info).is_file():
         raise ConfigError(f"data.dataset_info: {d.dataset_info} does not exist")
@@ -70,6 +71,17 @@ def check_paths(cfg: PrismConfig, stage: str) -> dict:
             if not Path(path).exists():
                 raise ConfigError(f"data.{key}: {path} does not exist")
     return hf
+
+
+def check_rollout(rollout) -> None:
+    """The rollout settings that only work together (raised before any server is launched)."""
+    if rollout.weight_sync == "distributed" and rollout.engine != "sglang":
+        raise ConfigError("rollout.weight_sync=distributed broadcasts into the SGLang servers' "
+                          "process group: it needs rollout.engine=sglang (auto picks tensor for "
+                          "the local engine)")
+    if rollout.servers_per_node and (rollout.engine != "sglang" or rollout.urls):
+        raise ConfigError("rollout.servers_per_node launches managed SGLang servers on every "
+                          "node: it needs rollout.engine=sglang and no rollout.urls")
 
 
 def check_weight_files(hf_dir: str | Path) -> None:

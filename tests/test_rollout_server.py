@@ -470,6 +470,7 @@ def test_launch_commands_carry_the_pixel_budget(models):
     engine.model_path, engine.tp, engine.mem_fraction = str(models[0]), 2, 0.5
     engine.release_between_phases, engine.env, engine.request_timeout_s = False, None, 300.0
     engine.deterministic = engine.weights_cpu_backup = False
+    engine.host = "127.0.0.1"
     engine.min_pixels, engine.max_pixels = None, 589824
     cmd = engine._default_command("sglang", ["--x"])(1, 30001)
     i = cmd.index("--mm-process-config")

@@ -67,9 +67,12 @@ def test_client_requests_and_launch_args_validate_against_sglang(sglang_types, m
     assert lines, f"the check printed no result (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     result = json.loads(lines[-1])
     assert result["problems"] == []
-    assert result["checked"] == {"/generate": 3, "/begin_weight_update": 1,
-                                 "/update_weights_from_tensor": 1, "/end_weight_update": 1,
+    assert result["checked"] == {"/generate": 3, "/begin_weight_update": 2,
+                                 "/update_weights_from_tensor": 1, "/end_weight_update": 2,
                                  "/update_weights_from_disk": 1, "/flush_cache": 1,
                                  "/release_memory_occupation": 1,
-                                 "/resume_memory_occupation": 2}
+                                 "/resume_memory_occupation": 2,
+                                 "/init_weights_update_group": 1,
+                                 "/update_weights_from_distributed": 1,
+                                 "/get_weights_by_name": 1}
     assert result["launch_commands"] == 2 and proc.returncode == 0

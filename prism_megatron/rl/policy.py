@@ -95,7 +95,7 @@ class Pending:
 class Policy:
     def __init__(self, cfg, processor, total_steps: int):
         from prism_megatron.models.qwen3_vl.model import build_qwen3vl_model, load_initial_weights
-        from prism_megatron.rollout import make_engine
+        from prism_megatron.rollout import make_rank_engine
         from prism_megatron.rollout.weight_sync import is_sender
         from prism_megatron.trainer import Trainer
 
@@ -114,8 +114,9 @@ class Policy:
         self.settings = lp.LossSettings.from_config(cfg.algorithm, cfg.rollout.temperature)
         self._pool: ThreadPoolExecutor | None = None     # the background generation (sender)
         self._dp_ranks: list[int] | None = None
-        self.engine = (make_engine(cfg.rollout, cfg.model.hf_dir, cfg.data) if is_sender()
-                       else None)
+        # the sender's engine (None elsewhere); with rollout.servers_per_node every node's
+        # local rank 0 launches its node's servers first (collective)
+        self.engine = make_rank_engine(cfg.rollout, cfg.model.hf_dir, cfg.data, sender=is_sender())
         if self.engine is not None:
             status = self.engine.health()
             if not status.get("ok"):
@@ -227,7 +228,7 @@ class Policy:
         phase_generate(self.engine, lambda: sync_weights(
             self.model, self.engine, self.hf_config, bucket_mb=r.weight_bucket_mb,
             mode=r.weight_sync, disk_dir=f"{self.cfg.logging.run_dir}/weight_sync",
-            hf_dir=self.cfg.model.hf_dir))
+            hf_dir=self.cfg.model.hf_dir, check_tensors=r.weight_check_tensors))
         return time.perf_counter() - start
 
     # ---- training ---------------------------------------------------------------------

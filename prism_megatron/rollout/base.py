@@ -64,6 +64,10 @@ class WeightUpdateError(RolloutError):
     """Weights that do not fit the engine's model (unknown names, wrong shapes)."""
 
 
+class WeightReadbackUnsupported(WeightUpdateError):
+    """The server cannot report a tensor (SGLang 0.5.23's Qwen models lack get_weights_by_name)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What SGLang calls ``sampling_params`` (the subset PRISM uses).
@@ -150,6 +154,15 @@ class RolloutEngine(ABC):
     @abstractmethod
     def health(self) -> dict[str, Any]:
         """``{"ok": bool, ...}``; never raises for a dead engine, it reports it."""
+
+    def preferred_weight_sync(self) -> str:
+        """What ``rollout.weight_sync=auto`` becomes for this engine (see ``weight_sync``)."""
+        return "tensor"
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[torch.Tensor]:
+        """The first ``truncate_size`` rows of the engine's tensor ``name`` as fp32, one per
+        server (SGLang's ``/get_weights_by_name``); the weight sync's spot check reads it."""
+        raise WeightUpdateError(f"{type(self).__name__} cannot report its weights")
 
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
         """Free accelerator memory between phases (``weights`` / ``kv_cache``; None: all).

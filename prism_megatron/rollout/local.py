@@ -414,6 +414,13 @@ class LocalEngine(RolloutEngine):
         self.model_path = str(model_dir)
         log.info("local rollout engine: weights reloaded from %s", model_dir)
 
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[torch.Tensor]:
+        """The first ``truncate_size`` rows of the loaded ``name`` (fp32), as SGLang's route."""
+        if name not in self._targets:
+            raise WeightUpdateError(f"the local engine's model has no tensor {name}")
+        with self._lock:
+            return [self._targets[name].detach()[:truncate_size].float().clone()]
+
     # ------------------------------------------------------------------------------ misc
     def health(self) -> dict:
         return {"ok": True, "engine": "local", "model_path": self.model_path}

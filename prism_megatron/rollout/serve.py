@@ -15,14 +15,25 @@ a GPU:
     POST /update_weights_from_disk      {"model_path": DIR}
     POST /update_weights_from_tensor    {"serialized_named_tensors": [B64], "load_format":
                                          "prism_safetensors", "flush_cache": true}
+    POST /init_weights_update_group     {master_address, master_port, rank_offset, world_size,
+                                         group_name, backend: "gloo"}: joins the trainer's group
+    POST /update_weights_from_distributed  {names, dtypes, shapes, group_name, load_format:
+                                         "flattened_bucket" | null}: receives rank 0's broadcast
+    POST /get_weights_by_name           {name, truncate_size}: the first rows of a tensor (fp32)
 
 It refuses what SGLang 0.5.23 refuses, with SGLang's messages: tensor updates outside a
 ``/begin_weight_update`` .. ``/end_weight_update`` session (400); an ``input_ids`` prompt with
 more ``<|image_pad|>`` tokens than images (SGLang counts every pad as one image and fails with an
 IndexError, HTTP 500; one pad per image is the only form it takes); ``/flush_cache`` while
 requests are queued or decoding (400); memory release while requests run (400); resuming a tag
-that is not released (SGLang's KeyError, 400). Unknown tensor names in an update are skipped
-with a warning, as SGLang's loaders skip them.
+that is not released (SGLang's KeyError, 400). Distributed updates are refused (400, before any
+broadcast is received, so the sender fails instead of hanging) outside a session or for a group
+not initialised; the group is joined as SGLang joins it (a TCP rendezvous at the trainer's
+``master_address:master_port``, a ``PrefixStore(group_name)``, torch's group helper) with gloo
+instead of NCCL, and a bucket is received in the worker thread between batches. Unknown tensor
+names in a tensor or distributed update are skipped with a warning, as SGLang's loaders skip
+them; ``/get_weights_by_name`` of an unknown name is SGLang's 400 "Get parameter by name
+failed".
 
 Memory (``--enable-memory-saver``, as SGLang's): releasing ``weights`` zeroes them (what a GPU
 gives back after the memory saver is garbage; here it is zeros, so a missed sync is visible as
@@ -84,6 +95,7 @@ from prism_megatron.rollout.base import (
     RolloutError, RolloutPrompt, SamplingParams, WeightUpdateError, derive_seed)
 from prism_megatron.rollout.images import (
     BadImage, expand_image_pads, preprocess_images, tokens_per_image)
+from prism_megatron.rollout.groups import FLATTENED, broadcast, bucket_bytes, join_group, unflatten
 from prism_megatron.rollout.local import ContextLengthError, GenRequest, LocalEngine, context_error
 
 log = logging.getLogger("prism_megatron.rollout.serve")
@@ -97,6 +109,8 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")    # SGLang's GPU_MEMORY_ALL
 # SGLang 0.5.23's messages (managers/scheduler_components/weight_updater.py)
 NO_SESSION = ("update_weights_from_tensor must run between begin_weight_update() and "
               "end_weight_update()")
+NO_SESSION_DISTRIBUTED = NO_SESSION.replace("update_weights_from_tensor",
+                                            "update_weights_from_distributed")
 SESSION_OPEN = "a weight-update session is already open; call end_weight_update() first"
 SESSION_CLOSED = "no weight-update session is open; call begin_weight_update() first"
 NOT_IDLE = "release_memory_occupation should be called only when server is idle."
@@ -292,6 +306,69 @@ def decode_tensor_bucket(body: Any) -> dict:
         raise BadRequest(f"serialized_named_tensors[0] is not a safetensors file ({e})") from None
 
 
+def parse_init_group(body: Any) -> dict:
+    """/init_weights_update_group fields (SGLang's InitWeightsUpdateGroupReqInput)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    out = {}
+    for key, kind in (("master_address", str), ("master_port", int), ("rank_offset", int),
+                      ("world_size", int)):
+        value = body.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BadRequest(f"{key} must be a{'n integer' if kind is int else ' string'}")
+        out[key] = value
+    out["group_name"] = str(body.get("group_name") or "weight_update_group")
+    out["backend"] = body.get("backend") or "nccl"
+    if out["backend"] != "gloo":
+        raise BadRequest(f"backend={out['backend']!r}: this CPU server joins gloo groups only "
+                         f"(NCCL needs GPUs; a CPU trainer sends over gloo)")
+    if not 1 <= out["rank_offset"] < out["world_size"]:
+        raise BadRequest(f"rank_offset={out['rank_offset']} must be in [1, world_size="
+                         f"{out['world_size']}) (rank 0 is the trainer)")
+    return out
+
+
+def parse_update_distributed(body: Any) -> dict:
+    """/update_weights_from_distributed fields (SGLang's UpdateWeightsFromDistributedReqInput)."""
+    import torch
+
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
+    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) \
+            or not names or not len(names) == len(dtypes) == len(shapes):
+        raise BadRequest("names, dtypes and shapes must be lists of one length")
+    for dtype in dtypes:
+        if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise BadRequest(f"dtype {dtype!r} is not a torch dtype name (e.g. 'bfloat16')")
+    if not all(isinstance(x, list) and all(isinstance(d, int) and d >= 0 for d in x)
+               for x in shapes):
+        raise BadRequest("each shape must be a list of non-negative integers")
+    fmt = body.get("load_format")
+    if fmt not in (None, FLATTENED):
+        raise BadRequest(f"load_format={fmt!r} must be null (one broadcast per tensor) or "
+                         f"'{FLATTENED}'")
+    return {"names": [str(n) for n in names], "dtypes": dtypes, "shapes": shapes,
+            "group_name": str(body.get("group_name") or "weight_update_group"),
+            "load_format": fmt}
+
+
+def receive_bucket(group, request: dict) -> dict:
+    """The tensors of one /update_weights_from_distributed call, received from rank 0."""
+    import torch
+
+    dtypes, shapes = request["dtypes"], request["shapes"]
+    if request["load_format"] == FLATTENED:
+        buffer = torch.empty(bucket_bytes(dtypes, shapes), dtype=torch.uint8)
+        broadcast(group, buffer).wait()
+        tensors = unflatten(buffer, dtypes, shapes)
+    else:   # one broadcast per tensor, in order
+        tensors = [torch.empty(shape, dtype=getattr(torch, d)) for d, shape in zip(dtypes, shapes)]
+        for work in [broadcast(group, t) for t in tensors]:
+            work.wait()
+    return dict(zip(request["names"], tensors))
+
+
 # ------------------------------------------------------------ OpenAI-compatible chat completions
 
 _CHAT_KEYS = {"messages", "model", "temperature", "top_p", "max_tokens", "max_completion_tokens",
@@ -445,6 +522,7 @@ class BatchWorker:
         self.weights_garbage = False           # resumed without a backup, not yet overwritten
         self._backup: dict | None = None
         self.session_open = False
+        self.groups: dict = {}                 # weight-update process groups by name
         self.in_flight = 0                     # generate jobs submitted and not answered
         self._count_lock = threading.Lock()
         self.aborted = 0                  # generate jobs ended early (deadline, client gone, stop)
@@ -566,6 +644,17 @@ class BatchWorker:
             else:
                 self.weights_garbage = True
 
+    def _known(self, tensors: dict) -> dict:
+        """SGLang's loaders skip names the model does not have: so does this server (warned)."""
+        known = getattr(self.engine, "_targets", None)
+        if known is None:
+            return tensors
+        unknown = sorted(n for n in tensors if n not in known)
+        if unknown:
+            log.warning("weight update: skipping %d unknown tensor name(s): %s", len(unknown),
+                        ", ".join(unknown[:8]))
+        return {n: t for n, t in tensors.items() if n in known}
+
     def refusal(self) -> str | None:
         """Why generation cannot run now (memory released), else None."""
         if not self.memory_saver:
@@ -605,13 +694,17 @@ class BatchWorker:
 
     def _run_one(self, job: _Job) -> None:
         try:
-            if job.kind in ("update_tensor", "update_disk") and "weights" in self.released \
-                    and self.memory_saver:
+            if job.kind in ("update_tensor", "update_disk", "update_distributed") \
+                    and "weights" in self.released and self.memory_saver:
                 raise WeightUpdateError("the weights are released (release_memory_occupation): "
                                         "resume_memory_occupation with tags ['weights'] before "
                                         "updating them")
             if job.kind == "update_tensor":
-                result = self.engine.update_weights(job.payload.items())
+                result = self.engine.update_weights(self._known(job.payload).items())
+            elif job.kind == "update_distributed":
+                request = job.payload
+                tensors = receive_bucket(self.groups[request["group_name"]], request)
+                result = self.engine.update_weights(self._known(tensors).items())
             elif job.kind == "update_disk":
                 result = self.engine.update_weights_from_disk(job.payload)
                 self.weights_garbage = False
@@ -857,6 +950,7 @@ class Handler(BaseHTTPRequestHandler):
                          "memory_released": sorted(self.worker.released),
                          "weights_garbage": self.worker.weights_garbage,
                          "weight_update_session": self.worker.session_open,
+                         "weight_update_groups": sorted(self.worker.groups),
                          "in_flight_requests": self.worker.in_flight,
                          "max_batch_rows": self.worker.max_rows, "version": self.server_version,
                          "context_length": getattr(self.engine, "context_length", None),
@@ -885,13 +979,6 @@ class Handler(BaseHTTPRequestHandler):
         if not self.worker.session_open:
             self._send(400, {"success": False, "message": NO_SESSION})
             return
-        known = getattr(self.engine, "_targets", None)
-        if known is not None:   # SGLang's loaders skip names the model does not have
-            unknown = sorted(n for n in tensors if n not in known)
-            if unknown:
-                log.warning("update_weights_from_tensor: skipping %d unknown tensor name(s): %s",
-                            len(unknown), ", ".join(unknown[:8]))
-                tensors = {n: t for n, t in tensors.items() if n in known}
         try:
             count = self.worker.submit("update_tensor", tensors)
         except WeightUpdateError as e:
@@ -899,6 +986,66 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.worker.weights_garbage = False
         self._send(200, {"success": True, "message": f"Succeeded to update {count} tensors."})
+
+    def init_group(self, body):
+        """SGLang's /init_weights_update_group: join the named group (blocks until it forms)."""
+        try:
+            fields = parse_init_group(body)
+        except BadRequest as e:
+            self._send(400, {"success": False, "message": str(e)})
+            return
+        timeout = self.request_timeout_s or DEFAULT_REQUEST_TIMEOUT_S
+        try:
+            group = join_group(fields["backend"], fields["master_address"],
+                               fields["master_port"], fields["rank_offset"],
+                               fields["world_size"], fields["group_name"], timeout)
+        except Exception as e:  # noqa: BLE001 - a rendezvous that failed: the caller's message
+            self._send(400, {"success": False,
+                             "message": f"Failed to init process group: {type(e).__name__}: {e}"})
+            return
+        self.worker.groups[fields["group_name"]] = group
+        log.info("joined weight-update group %s as rank %d of %d (%s:%d)", fields["group_name"],
+                 fields["rank_offset"], fields["world_size"], fields["master_address"],
+                 fields["master_port"])
+        self._send(200, {"success": True,
+                         "message": "Succeeded to initialize custom process group."})
+
+    def update_distributed(self, body):
+        """SGLang's /update_weights_from_distributed: receive one bucket broadcast by rank 0."""
+        try:
+            request = parse_update_distributed(body)
+        except BadRequest as e:
+            self._send(400, {"success": False, "message": str(e)})
+            return
+        if not self.worker.session_open:
+            self._send(400, {"success": False, "message": NO_SESSION_DISTRIBUTED})
+            return
+        if request["group_name"] not in self.worker.groups:
+            self._send(400, {"success": False, "message": (
+                f"Group {request['group_name']} not in {sorted(self.worker.groups)}. Please call "
+                f"`init_weights_update_group` first.")})
+            return
+        try:
+            count = self.worker.submit("update_distributed", request)
+        except WeightUpdateError as e:
+            self._send(400, {"success": False, "message": str(e)})
+            return
+        self.worker.weights_garbage = False
+        self._send(200, {"success": True, "message": f"Succeeded to update {count} tensors "
+                                                     f"online."})
+
+    def get_weights(self, body):
+        """SGLang's /get_weights_by_name: the first ``truncate_size`` rows of a tensor, fp32."""
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            raise BadRequest("missing name")
+        size = body.get("truncate_size", 100)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise BadRequest(f"truncate_size={size!r} must be a positive integer")
+        try:
+            (tensor,) = self.engine.get_weights_by_name(body["name"], size)
+        except WeightUpdateError:
+            raise ContextTooLong("Get parameter by name failed") from None
+        self._send(200, tensor.tolist())
 
 
 ROUTES = {
@@ -916,6 +1063,9 @@ ROUTES = {
     "/server_info": Handler.server_info,
     "/update_weights_from_disk": Handler.update_disk,
     "/update_weights_from_tensor": Handler.update_tensor,
+    "/init_weights_update_group": Handler.init_group,
+    "/update_weights_from_distributed": Handler.update_distributed,
+    "/get_weights_by_name": Handler.get_weights,
 }
 
 

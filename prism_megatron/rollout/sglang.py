@@ -4,7 +4,9 @@ It either launches servers as managed subprocesses (``python -m sglang.launch_se
 ``python -m prism_megatron.rollout.serve`` on CPU: ``server="sglang" | "prism"``, or any
 ``launch_command``) and waits until ``/health_generate`` answers, or attaches to running ones
 (``urls``; an sglang-router URL counts as one server). Several servers are used data-parallel:
-prompts are spread round-robin, weight updates go to all of them.
+prompts are dispatched balanced by expected tokens (prompt tokens + n x the running mean
+response length, largest first onto the least loaded server; ``last_dispatch``), weight updates
+go to all of them.
 
 Requests use SGLang's native API. One ``/generate`` call per prompt carries its ``n`` samples in
 batch form (the same ``input_ids`` / images ``n`` times), each with its own ``sampling_seed``
@@ -41,7 +43,13 @@ UUID; a colocated trainer) or the CPU server's (base64 safetensors, see ``serve.
 (used by ``weight_sync.sync_weights`` around a whole sync) calls ``/begin_weight_update`` before
 and ``/end_weight_update`` (the post-load hooks) after; a lone ``update_weights`` opens its own.
 A 404 on those routes means an older server without sessions: they are skipped from then on.
-Attached servers report their ``tp_size`` and ``version`` through ``/server_info``.
+Attached servers report their ``tp_size`` and ``version`` through ``/server_info``. The
+distributed path (``weight_sync``'s stage senders) calls ``/init_weights_update_group`` and, per
+bucket, ``/update_weights_from_distributed`` on one server at a time (never retried: each is half
+of a rendezvous or a broadcast); ``get_weights_by_name`` reads tensors back for the spot check;
+``preferred_weight_sync()`` is what ``rollout.weight_sync=auto`` becomes. ``host`` is where
+launched servers listen and are reached (a node's own address when servers run on every node,
+``rollout.make_rank_engine``); ``owned`` engines are stopped with this one.
 
 Memory: ``release_memory(tags)`` / ``resume_memory(tags)`` call SGLang's
 ``/release_memory_occupation`` / ``/resume_memory_occupation`` (tags ``weights``, ``kv_cache``;
@@ -81,7 +89,8 @@ import torch
 from prism_megatron.distributed import free_port
 from prism_megatron.rollout.base import (
     KV_CACHE, WEIGHTS, RolloutEngine, RolloutError, RolloutPrompt, RolloutRequestError,
-    RolloutServerError, Sample, SamplingParams, WeightUpdateError, sample_seeds)
+    RolloutServerError, Sample, SamplingParams, WeightReadbackUnsupported, WeightUpdateError,
+    sample_seeds)
 from prism_megatron.rollout.images import collapse_image_pads, image_to_data_url
 
 log = logging.getLogger(__name__)
@@ -145,8 +154,13 @@ class SGLangEngine(RolloutEngine):
                  max_concurrency: int = 64, image_token_id: int | None = None,
                  wire_format: str | None = None, log_dir: str | Path | None = None,
                  env: dict[str, str] | None = None, min_pixels: int | None = None,
-                 max_pixels: int | None = None, flush_timeout_s: float = 60.0):
+                 max_pixels: int | None = None, flush_timeout_s: float = 60.0,
+                 host: str = "127.0.0.1", owned: Sequence["SGLangEngine"] = ()):
         self.tp, self.mem_fraction = tp, mem_fraction
+        # host: the address launched servers listen on and are reached at (a node's own
+        # address when other nodes dispatch to them); owned: engines whose servers this one
+        # stops at shutdown (a node owner's, when the sender attaches to every node's servers)
+        self.host, self.owned = host, list(owned)
         # the stage's data.min_pixels / max_pixels: launched servers preprocess raw images with
         # the same budget as the trainer's processor (attached servers are the operator's)
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
@@ -159,7 +173,8 @@ class SGLangEngine(RolloutEngine):
         self.launch_timeout_s = launch_timeout_s
         self.model_path = str(model_path) if model_path else None
         self.env = env
-        self._rr = 0
+        self._response_len = 0.0            # running mean response length (dispatch cost)
+        self.last_dispatch: list[int] = []   # expected tokens sent to each server last call
         self._weights: tuple[str, str | None] = ("initial", None)   # what a restart must restore
         self._warned_prompt_len = False
         self._closed = False
@@ -191,7 +206,7 @@ class SGLangEngine(RolloutEngine):
         self.servers = []
         for k in range(num_servers):
             port = free_port()
-            self.servers.append(_Server(f"http://127.0.0.1:{port}", launch_command(k, port),
+            self.servers.append(_Server(f"http://{self.host}:{port}", launch_command(k, port),
                                         log_path=self._log_dir / f"server{k}-{port}.log"))
         atexit.register(self.shutdown)
         try:
@@ -238,6 +253,16 @@ class SGLangEngine(RolloutEngine):
                     self.image_token_id = int(token)
                     break
 
+    def preferred_weight_sync(self) -> str:
+        """``tensor`` when every server is on this node (launched here, or attached at a loopback
+        url: CUDA-IPC / the CPU server's body reach it), else ``distributed`` (servers on other
+        nodes: a broadcast over the weight-update group, no shared filesystem needed)."""
+        from prism_megatron.rollout.groups import is_loopback
+
+        if all(s.managed or is_loopback(s.url) for s in self.servers):
+            return "tensor"
+        return "distributed"
+
     @property
     def server_versions(self) -> dict[str, str | None]:
         return {s.url: s.info.get("version") for s in self.servers}
@@ -248,7 +273,7 @@ class SGLangEngine(RolloutEngine):
 
         def command(k: int, port: int) -> list[str]:
             cmd = [sys.executable, "-m", module, "--model-path", self.model_path,
-                   "--host", "127.0.0.1", "--port", str(port)]
+                   "--host", self.host, "--port", str(port)]
             if server == "sglang":
                 cmd += ["--tp-size", str(self.tp), "--mem-fraction-static", str(self.mem_fraction),
                         "--base-gpu-id", str(k * self.tp)]
@@ -436,21 +461,29 @@ class SGLangEngine(RolloutEngine):
             base["stop_token_ids"] = list(params.stop_token_ids)
         if params.ignore_eos:
             base["ignore_eos"] = True
-        start, self._rr = self._rr, self._rr + len(prompts)
+        expected = self._response_len or params.max_new_tokens
+        costs = [len(p.input_ids) + n * expected for p in prompts]
+        assignment, self.last_dispatch = balance(costs, len(self.servers))
         jobs = []
         for i, prompt in enumerate(prompts):
             seeds = sample_seeds(params, i, n)
             sps = [base if s is None else {**base, "sampling_seed": s} for s in seeds]
-            jobs.append((self.servers[(start + i) % len(self.servers)], prompt, sps))
+            jobs.append((self.servers[assignment[i]], prompt, sps))
         workers = max(1, min(self.max_concurrency, len(jobs)))
         with ThreadPoolExecutor(workers, thread_name_prefix="rollout-client") as pool:
             futures = [pool.submit(self._generate_one, *job) for job in jobs]
             try:
-                return [f.result() for f in futures]
+                results = [f.result() for f in futures]
             except BaseException:
                 for f in futures:
                     f.cancel()
                 raise
+        lengths = [len(s) for group in results for s in group]
+        if lengths:   # what the next call expects per response (a running mean)
+            mean = sum(lengths) / len(lengths)
+            self._response_len = mean if not self._response_len else \
+                0.5 * self._response_len + 0.5 * mean
+        return results
 
     def _generate_one(self, s: _Server, prompt: RolloutPrompt, sps: list[dict]) -> list[Sample]:
         ids = prompt.input_ids
@@ -581,9 +614,54 @@ class SGLangEngine(RolloutEngine):
             self._check_update(s, "/update_weights_from_disk", {"model_path": path})
         self._weights = ("disk", path)
 
-    def _check_update(self, s: _Server, path: str, payload: dict) -> None:
+    def init_weights_update_group(self, server: int, *, master_address: str, master_port: int,
+                                  rank_offset: int, world_size: int, group_name: str,
+                                  backend: str) -> None:
+        """``/init_weights_update_group`` on one server: its TP ranks join ``group_name`` as
+        ranks ``rank_offset ..``; the call returns once the whole group has formed, so the
+        trainer's rank 0 joins concurrently (``weight_sync``). Never retried (a rendezvous)."""
+        payload = {"master_address": master_address, "master_port": int(master_port),
+                   "rank_offset": int(rank_offset), "world_size": int(world_size),
+                   "group_name": group_name, "backend": backend}
+        self._check_update(self.servers[server], "/init_weights_update_group", payload,
+                           retry=False)
+
+    def update_weights_from_distributed(self, server: int, names: list[str], dtypes: list[str],
+                                        shapes: list[list[int]], group_name: str) -> None:
+        """``/update_weights_from_distributed`` on one server for one bucket that the trainer
+        broadcasts on ``group_name`` meanwhile (SGLang's ``flattened_bucket`` layout). The
+        cache is flushed once after the whole sync, not per bucket. Never retried."""
+        payload = {"names": list(names), "dtypes": list(dtypes),
+                   "shapes": [list(map(int, x)) for x in shapes], "group_name": group_name,
+                   "flush_cache": False, "load_format": "flattened_bucket"}
+        self._check_update(self.servers[server], "/update_weights_from_distributed", payload,
+                           retry=False)
+        self._weights = ("tensor", None)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[torch.Tensor]:
+        """``/get_weights_by_name`` on every server: the first ``truncate_size`` rows, fp32.
+
+        Real SGLang answers "Get parameter by name failed" both for an unknown name and for a
+        model without the method (0.5.23: only llama-like models have it, no Qwen): that is
+        ``WeightReadbackUnsupported`` there; the CPU server implements it for every name the
+        model has, so a failure is a plain ``WeightUpdateError``."""
+        out = []
+        for s in self.servers:
+            try:
+                value = self._post(s, "/get_weights_by_name",
+                                   {"name": name, "truncate_size": int(truncate_size)})
+            except RolloutRequestError as e:
+                if self.wire_format == "sglang" and "Get parameter by name failed" in str(e):
+                    raise WeightReadbackUnsupported(str(e)) from None
+                raise WeightUpdateError(str(e)) from None
+            if value is None:
+                raise WeightUpdateError(f"{s.url}/get_weights_by_name answered nothing for {name}")
+            out.append(torch.tensor(value, dtype=torch.float32))
+        return out
+
+    def _check_update(self, s: _Server, path: str, payload: dict, *, retry: bool = True) -> None:
         try:
-            out = self._post(s, path, payload)
+            out = self._post(s, path, payload, retry=retry)
         except RolloutRequestError as e:
             raise WeightUpdateError(str(e)) from None
         if isinstance(out, dict) and out.get("success") is False:
@@ -654,6 +732,21 @@ class SGLangEngine(RolloutEngine):
         for s in getattr(self, "servers", []):
             if s.managed:
                 self._stop(s)
+        for other in getattr(self, "owned", []):
+            other.shutdown()
+
+
+def balance(costs: Sequence[float], bins: int) -> tuple[list[int], list[int]]:
+    """Assign items to ``bins`` servers, largest first onto the least loaded (LPT): the
+    expected tokens per server end within one item of each other. Returns (server of each
+    item, expected tokens per server); ties go to the lowest server index."""
+    loads = [0.0] * bins
+    where = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        k = min(range(bins), key=lambda b: (loads[b], b))
+        where[i] = k
+        loads[k] += costs[i]
+    return where, [int(x) for x in loads]
 
 
 def _processor_size(model_dir: Path) -> dict[str, int]:

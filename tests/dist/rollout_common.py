@@ -59,13 +59,16 @@ def teacher_forced_logprobs(model, enc, response: list[int], temperature: float 
     return logp.gather(1, torch.tensor(response)[:, None])[:, 0]
 
 
-def fake_megatron_model(hf_dir: Path):
+def fake_megatron_model(hf_dir: Path, stage: int = 0, pp: int = 1):
     """A module whose parameters carry Megatron names and TP=1 tensors made from ``hf_dir``
-    through the conversion mapping (no megatron needed): a stand-in trainer for unit tests."""
+    through the conversion mapping (no megatron needed): a stand-in trainer for unit tests and
+    benchmarks. ``pp`` > 1: only pipeline stage ``stage``'s parameters, decoder layers numbered
+    from 0 as on that stage."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     from prism_megatron.convert.families import get_family
+    from prism_megatron.weights.layout import make_layout
     from prism_megatron.weights.table import expand
 
     config = AutoConfig.from_pretrained(str(hf_dir))
@@ -73,12 +76,13 @@ def fake_megatron_model(hf_dir: Path):
     info = family.describe(config)
     dims = info.dims(padded_vocab_size=-(-info.vocab_size // 128) * 128)
     hf = load_file(str(Path(hf_dir) / "model.safetensors"))
+    layout = make_layout(info, pp)
     root = torch.nn.Module()
     for e in expand(family.rules, info):
-        if e.rule.tied_to and info.tie_word_embeddings:
+        if e.rule.tied_to and info.tie_word_embeddings or layout.stage_of(e) != stage:
             continue
         full = e.rule.to_megatron([hf[h] for h in e.hf], dims)
-        *path, leaf = e.megatron.split(".")
+        *path, leaf = layout.local_name(e).split(".")
         module = root
         for part in path:
             if not hasattr(module, part):

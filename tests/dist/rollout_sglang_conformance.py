@@ -40,6 +40,9 @@ def main(model_dir: str) -> int:
         "/release_memory_occupation": io.ReleaseMemoryOccupationReqInput,
         "/resume_memory_occupation": io.ResumeMemoryOccupationReqInput,
         "/flush_cache": io.FlushCacheReqInput,
+        "/init_weights_update_group": io.InitWeightsUpdateGroupReqInput,
+        "/update_weights_from_distributed": io.UpdateWeightsFromDistributedReqInput,
+        "/get_weights_by_name": io.GetWeightsByNameReqInput,
     }
     sent: list[tuple[str, object]] = []
 
@@ -48,6 +51,8 @@ def main(model_dir: str) -> int:
         sent.append((path, payload))
         if path in ("/server_info", "/get_server_info"):
             return {"tp_size": 2, "version": "0.5.23"}
+        if path == "/get_weights_by_name":
+            return [[0.5, -0.5]] * payload["truncate_size"]
         if path == "/generate":
             n = len(payload["input_ids"])
             return [{"text": "x", "output_ids": [7], "meta_info": {
@@ -73,6 +78,19 @@ def main(model_dir: str) -> int:
                ("lm_head.weight", torch.randn(4, 3))]
     engine.update_weights(tensors)
     engine.update_weights_from_disk(model_dir)
+    # the distributed path's three routes, as weight_sync's stage sender calls them
+    from prism_megatron.rollout.groups import dtype_name, flatten
+
+    bucket = [("model.language_model.norm.weight", torch.randn(6)),
+              ("lm_head.weight", torch.randn(4, 3).to(torch.bfloat16))]
+    engine.init_weights_update_group(0, master_address="10.0.0.1", master_port=29600,
+                                     rank_offset=1, world_size=3, group_name="prism-pp0",
+                                     backend="nccl")
+    with engine.weight_update_session():
+        engine.update_weights_from_distributed(0, [n for n, _ in bucket],
+                                               [dtype_name(t.dtype) for _, t in bucket],
+                                               [list(t.shape) for _, t in bucket], "prism-pp0")
+    engine.get_weights_by_name("lm_head.weight", 4)
     engine.flush_cache()
     engine.release_memory()
     engine.resume_memory(["weights"])
@@ -109,9 +127,23 @@ def main(model_dir: str) -> int:
             if [n for n, _ in got] != [n for n, _ in tensors] or not all(
                     torch.equal(a, b) for (_, a), (_, b) in zip(got, tensors)):
                 problems.append("the tensor payload does not round-trip through SGLang")
+        if path == "/update_weights_from_distributed":
+            if any(not isinstance(getattr(torch, d, None), torch.dtype) for d in obj.dtypes):
+                problems.append(f"dtypes {obj.dtypes} are not torch dtype names")
+            if obj.load_format != "flattened_bucket" or obj.group_name != "prism-pp0":
+                problems.append(f"load_format {obj.load_format!r}, group {obj.group_name!r}")
+            # SGLang's receiver rebuilds the bucket with its own FlattenedTensorBucket: the
+            # trainer's broadcast buffer must be byte for byte that bucket's flattened tensor
+            from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+            theirs = FlattenedTensorBucket(named_tensors=bucket).get_flattened_tensor()
+            if not torch.equal(theirs.view(torch.uint8).reshape(-1), flatten([t for _, t in bucket])):
+                problems.append("the flattened bucket differs from SGLang's FlattenedTensorBucket")
         checked[path] = checked.get(path, 0) + 1
-    order = [p for p, _ in sent if "weight_update" in p or p == "/update_weights_from_tensor"]
-    if order != ["/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update"]:
+    order = [p for p, _ in sent if "weight_update" in p or p.startswith("/update_weights_from_")]
+    if order != ["/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update",
+                 "/update_weights_from_disk", "/begin_weight_update", "/update_weights_from_distributed",
+                 "/end_weight_update"]:
         problems.append(f"session order {order}")
 
     # launch commands, parsed by SGLang's own parser
@@ -121,6 +153,7 @@ def main(model_dir: str) -> int:
     for deterministic, backup, pixels in ((False, False, None), (True, True, 589824)):
         probe = SGLangEngine.__new__(SGLangEngine)
         probe.model_path, probe.tp, probe.mem_fraction = model_dir, 2, 0.6
+        probe.host = "127.0.0.1"
         probe.release_between_phases, probe.weights_cpu_backup = True, backup
         probe.deterministic, probe.env, probe.request_timeout_s = deterministic, None, 60.0
         probe.min_pixels, probe.max_pixels = pixels, pixels

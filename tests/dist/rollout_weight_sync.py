@@ -5,13 +5,16 @@
 
 For each TPxPP layout (the world is reused: 1x1 on two ranks is TP1 with two data-parallel
 replicas): build the Megatron Qwen3-VL with B's weights (the trainer), a CPU engine with A's on
-rank 0, sample responses (fixed seed), and compare the engine's log-probs with the trainer's
-recomputed ones before and after ``sync_weights``. Rank 0 writes
-``{layout: {"before": max|diff|, "after": max|diff|, "buckets": ..., "max_bucket_bytes": ...}}``.
+rank 0 (for ``distributed``: the CPU server as a real process, reset to A first), sample
+responses (fixed seed), and compare the engine's log-probs with the trainer's recomputed ones
+before and after ``sync_weights``; distributed layouts sync twice (the group and the plan are
+reused). Rank 0 writes ``{layout: {"before": max|diff|, "after": max|diff|, "buckets": ...,
+"max_bucket_bytes": ..., "bytes_per_rank": [...], "model_bytes": ...}}``.
 """
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -61,7 +64,7 @@ def megatron_logprobs(model, config, enc, responses):
     return out
 
 
-def run_layout(args, tp, pp, mode, hf_b, processor, work: Path):
+def run_layout(args, tp, pp, mode, hf_b, processor, work: Path, server=None):
     import torch
     import torch.distributed as dist
 
@@ -76,7 +79,12 @@ def run_layout(args, tp, pp, mode, hf_b, processor, work: Path):
     init_distributed(tp=tp, pp=pp)
     model, config = build_megatron(args.policy_hf)
     load_hf_weights(model, hf_b)
-    engine = LocalEngine(args.engine_hf) if is_sender() else None
+    if mode == "distributed":
+        engine = server if is_sender() else None
+        if engine is not None:
+            engine.update_weights_from_disk(args.engine_hf)   # back to A
+    else:
+        engine = LocalEngine(args.engine_hf) if is_sender() else None
     encs = encoded_prompts(processor)[:2]         # one image prompt, one text prompt
     params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=3)
 
@@ -94,12 +102,40 @@ def run_layout(args, tp, pp, mode, hf_b, processor, work: Path):
         return worst
 
     before = gap()
-    stats = sync_weights(model, engine, hf_b.config, bucket_mb=BUCKET_MB, mode=mode,
-                         disk_dir=work / f"sync-{tp}x{pp}", hf_dir=args.policy_hf)
+
+    def sync():
+        return sync_weights(model, engine, hf_b.config, bucket_mb=BUCKET_MB, mode=mode,
+                            disk_dir=work / f"sync-{tp}x{pp}", hf_dir=args.policy_hf,
+                            check_tensors=3)
+
+    stats = sync()
     after = gap()
+    result = {"before": before, "after": after, "mode": mode}
+    if mode == "distributed":
+        from prism_megatron.rollout import weight_sync
+
+        senders = len(weight_sync._SENDERS)
+        again = sync()
+        builds = weight_sync.plan_for(model, hf_b.config).builds
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, {"bytes": stats.bytes if stats else 0,
+                                          "tensors": stats.tensors if stats else 0,
+                                          "checked": stats.checked if stats else 0,
+                                          "again": again.bytes if again else 0,
+                                          "reused": len(weight_sync._SENDERS) == senders,
+                                          "builds": builds})
+        result.update(bytes_per_rank=[r["bytes"] for r in per_rank],
+                      again_per_rank=[r["again"] for r in per_rank],
+                      tensors_per_rank=[r["tensors"] for r in per_rank],
+                      checked_per_rank=[r["checked"] for r in per_rank],
+                      groups_reused=all(r["reused"] for r in per_rank),
+                      plan_builds=max(r["builds"] for r in per_rank),
+                      after_second=gap())
     if dist.get_rank() == 0:
-        return {"before": before, "after": after, "mode": mode, "buckets": stats.buckets,
-                "tensors": stats.tensors, "max_bucket_bytes": stats.max_bucket_bytes}
+        result.update(buckets=stats.buckets, tensors=stats.tensors,
+                      max_bucket_bytes=stats.max_bucket_bytes,
+                      model_bytes=sum(p.numel() * p.element_size() for p in hf_b.parameters()))
+        return result
     return None
 
 
@@ -122,12 +158,23 @@ def main() -> None:
     hf_b = load_hf_model(args.policy_hf)
     processor = load_processor(args.policy_hf)
     results = {}
-    with tempfile.TemporaryDirectory() as work:
-        for item in args.layouts.split(","):
-            layout, mode = item.split(":")
-            tp, pp = map(int, layout.split("x"))
-            results[layout] = run_layout(args, tp, pp, mode, hf_b, processor, Path(work))
-            dist.barrier()
+    server = None
+    if "distributed" in args.layouts and os.environ.get("RANK", "0") == "0":   # one CPU server
+        from prism_megatron.rollout.sglang import SGLangEngine
+
+        server = SGLangEngine(model_path=args.engine_hf, server="prism", request_timeout_s=300,
+                              extra_server_args=["--num-threads", "1"])
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            for item in args.layouts.split(","):
+                layout, mode = item.split(":")
+                tp, pp = map(int, layout.split("x"))
+                results[layout] = run_layout(args, tp, pp, mode, hf_b, processor, Path(work),
+                                             server)
+                dist.barrier()
+    finally:
+        if server is not None:
+            server.shutdown()
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results))
     destroy_distributed()
