@@ -587,7 +587,8 @@ def make_plan(cfg, stage: str, *, gpus_per_node: int, nodes: int = 1, gpu_memory
     if stage in ("rlvr", "align") and _get(cfg, "rollout.engine", "local") == "sglang" \
             and not _get(cfg, "rollout.urls"):
         frac = float(_get(cfg, "rollout.sglang_mem_fraction", 0.5))
-        servers = int(_get(cfg, "rollout.num_servers", 1)) * int(_get(cfg, "rollout.sglang_tp", 1))
+        per_node = int(_get(cfg, "rollout.servers_per_node", 0)) or int(_get(cfg, "rollout.num_servers", 1))
+        servers = per_node * int(_get(cfg, "rollout.sglang_tp", 1))   # SGLang GPUs per node
         if servers > gpus_per_node:
             plan.notes.append(f"{servers} SGLang GPUs asked for on a {gpus_per_node}-GPU node")
         name = f"sglang weights + KV (mem_fraction {frac:g})"

@@ -46,7 +46,7 @@ def make_engine(rollout_cfg, hf_dir: str | Path, data_cfg=None, **kwargs) -> Rol
     each image into the same number of tokens as the trainer's processor.
 
     ``local``: the CPU engine in this process. ``sglang``: attach to ``rollout.urls`` if given,
-    else launch ``rollout.num_servers`` managed servers (``rollout.server``: sglang on GPUs, or
+    else launch ``rollout.servers_per_node`` (or ``rollout.num_servers``) managed servers (``rollout.server``: sglang on GPUs, or
     the CPU ``prism`` server). ``kwargs`` go to the engine's constructor.
     """
     engine = rollout_cfg.engine
@@ -70,7 +70,9 @@ def make_engine(rollout_cfg, hf_dir: str | Path, data_cfg=None, **kwargs) -> Rol
             common.setdefault("image_token_id", _image_token(hf_dir))
             return SGLangEngine(urls=list(rollout_cfg.urls), **common)
         return SGLangEngine(model_path=hf_dir, server=rollout_cfg.server,
-                            num_servers=common.pop("num_servers", rollout_cfg.num_servers),
+                            # one process = one node: its servers_per_node, else num_servers
+                            num_servers=common.pop("num_servers", getattr(
+                                rollout_cfg, "servers_per_node", 0) or rollout_cfg.num_servers),
                             mem_fraction=rollout_cfg.sglang_mem_fraction,
                             launch_timeout_s=rollout_cfg.launch_timeout_s, **common)
     raise RolloutError(f"rollout.engine={engine!r} is not one of ['local', 'sglang']")
