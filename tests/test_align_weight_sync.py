@@ -1,9 +1,9 @@
-"""The alignment stage with ``rollout.weight_sync=distributed`` at PP2 and at TP2: the policy's
-engine is the CPU server (a real process), both models share the layout (TP2: the MoE
-discriminator sequence-parallel), and each pipeline stage's rank sends its own layers over the weight-update group (gloo standing in for NCCL). The spot
-check after every sync reads tensors back from the server and raises on a difference, so a
-finished step means the engine held the trainer's weights after the start-up sync and after
-the update."""
+"""The alignment stage with ``rollout.weight_sync=distributed`` at PP2 and at TP2: the
+policy's engine is the CPU server (a real process), both models share the layout (TP2: the MoE
+discriminator sequence-parallel), and each pipeline stage's rank sends its own layers over the
+weight-update group (gloo standing in for NCCL). The spot check after every sync reads tensors
+back from the server and raises on a difference, so a finished step means the engine held the
+trainer's weights after the start-up sync and after the update."""
 
 import json
 import subprocess
