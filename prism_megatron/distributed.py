@@ -38,9 +38,10 @@ class ParallelInfo:
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
 
-def free_port() -> int:
+def free_port(any_host: bool = False) -> int:
+    """A free TCP port (on every interface with ``any_host``: a master other hosts reach)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("" if any_host else "127.0.0.1", 0))
         return s.getsockname()[1]
 
 

@@ -26,13 +26,6 @@ import torch
 FLATTENED = "flattened_bucket"
 
 
-def free_port(any_host: bool = False) -> int:
-    """A free TCP port (on every interface with ``any_host``: a master other hosts reach)."""
-    with socket.socket() as s:
-        s.bind(("" if any_host else "127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def join_group(backend: str, master_address: str, master_port: int, rank: int, world_size: int,
                group_name: str, timeout_s: float = 600.0):
     """This process's member of the named group (blocks until all ``world_size`` ranks join)."""

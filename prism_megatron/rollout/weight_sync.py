@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from prism_megatron.distributed import free_port
 from prism_megatron.models import unwrap_model
 from prism_megatron.rollout.base import RolloutError
 
@@ -515,8 +516,6 @@ def _sync_distributed(model, engine, hf_config, groups: _Groups, bucket_bytes: i
 def _connect(engine, groups: _Groups, plan) -> "_StageSender":
     """This stage's sender, connected once to every server (reused while the servers and the
     layout stay the same); collective over the stage senders (replica 0's tp0 PP group)."""
-    from prism_megatron.rollout.groups import free_port
-
     info = None
     if groups.sender:
         lock = None
@@ -552,8 +551,6 @@ _LOCK_STORE: list = []
 def _lock_store(engine) -> tuple[str, int]:
     """(address, port) of the TCP store that serialises the stages' buckets (rank 0 hosts it)."""
     import os
-
-    from prism_megatron.rollout.groups import free_port
 
     if not _LOCK_STORE:
         port = free_port(any_host=True)
