@@ -5,9 +5,9 @@ the uninterrupted one, and the combinations it cannot honour are refused in one 
 
 import pytest
 
-from dist_utils import kill_stage_after, run_torchrun
+from dist_utils import run_torchrun
 from prism_megatron.metrics import read_history
-from test_rlvr import rl_assets, write_config  # noqa: F401  (rl_assets: the fixture)
+from test_rlvr import rl_assets, uninterrupted_and_resumed, write_config  # noqa: F401  (rl_assets: the fixture)
 
 OFF_POLICY = {"name": "grpo", "off_policy_steps": 1, "tis_cap": 2.0, "prompts_per_step": 2}
 
@@ -104,17 +104,9 @@ def test_killed_off_policy_run_resumes_equal_to_the_uninterrupted_run(tmp_path, 
     3 and resumed from the step-2 checkpoint regenerates step 3 exactly as the uninterrupted run
     did (same prompts, seeds and weights), and every later step follows: all per-step metrics
     agree (staleness 0, 1, 0, 1 in both)."""
-    common = {"train_steps": 4, "algorithm": OFF_POLICY}
-    full = write_config(tmp_path / "full", rl_assets, **common,
-                        checkpoint={"enabled": False, "save_interval": 2})
-    run_torchrun("-m", 1, "prism_megatron.cli", "rlvr", full)
-    killed = write_config(tmp_path / "killed", rl_assets, **common,
-                          checkpoint={"save_dir": str(tmp_path / "killed" / "ckpt"),
-                                      "enabled": True, "save_interval": 2})
-    kill_stage_after("rlvr", killed, tmp_path / "killed" / "run" / "metrics.jsonl", rows=3)
-    assert (tmp_path / "killed" / "ckpt" / "latest").read_text().strip() == "step_0000002"
-    run_torchrun("-m", 1, "prism_megatron.cli", "rlvr", killed)
-    a, b = history(tmp_path / "full" / "run"), history(tmp_path / "killed" / "run")
+    a, b = uninterrupted_and_resumed(tmp_path, rl_assets,
+                                     {"enabled": False, "save_interval": 2},
+                                     train_steps=4, algorithm=OFF_POLICY)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["off_policy/staleness_max"] for r in a] == [0.0, 1.0, 0.0, 1.0]
     for x, y in zip(a, b):

@@ -138,20 +138,27 @@ def test_token_budget_packing_gives_the_padded_losses_and_update_at_dp2_and_pp2(
             assert 0 < b["metrics"]["perf/padding_efficiency"] <= 1
 
 
-@pytest.mark.slow  # multi-process (torchrun)
-@pytest.mark.dist
-def test_killed_run_resumes_at_the_same_step_with_the_same_data(tmp_path, rl_assets):
-    steps = {"train_steps": 4}
-    full = write_config(tmp_path / "full", rl_assets, **steps)
+def uninterrupted_and_resumed(tmp_path, assets, full_checkpoint=None, **sections):
+    """Per-step histories of a 4-step RLVR run and of the same run killed once step 3 is logged
+    (after its step-2 checkpoint) and resumed; ``full_checkpoint``: the uninterrupted run's
+    checkpoint section (default: the config's)."""
+    extra = {"checkpoint": full_checkpoint} if full_checkpoint else {}
+    full = write_config(tmp_path / "full", assets, **sections, **extra)
     run_torchrun("-m", 1, "prism_megatron.cli", "rlvr", full)
-    killed = write_config(tmp_path / "killed", rl_assets, **steps,
+    killed = write_config(tmp_path / "killed", assets, **sections,
                           checkpoint={"save_dir": str(tmp_path / "killed" / "ckpt"),
                                       "enabled": True, "save_interval": 2})
-    # killed once step 3 is logged: after the step-2 checkpoint
     kill_stage_after("rlvr", killed, tmp_path / "killed" / "run" / "metrics.jsonl", rows=3)
     assert (tmp_path / "killed" / "ckpt" / "latest").read_text().strip() == "step_0000002"
     run_torchrun("-m", 1, "prism_megatron.cli", "rlvr", killed)
-    a, b = read_history(tmp_path / "full" / "run"), read_history(tmp_path / "killed" / "run")
+    return [[r for r in read_history(tmp_path / name / "run") if r["step"] >= 1]
+            for name in ("full", "killed")]
+
+
+@pytest.mark.slow  # multi-process (torchrun)
+@pytest.mark.dist
+def test_killed_run_resumes_at_the_same_step_with_the_same_data(tmp_path, rl_assets):
+    a, b = uninterrupted_and_resumed(tmp_path, rl_assets, train_steps=4)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         # Same prompts and samples (sampler state + per-step seeds), same policy.
