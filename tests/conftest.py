@@ -127,3 +127,16 @@ def sft_assets(make_tiny_model, make_synthetic_data, tmp_path_factory):
     megatron = tmp_path_factory.mktemp("sft-assets") / "megatron"
     convert_hf_to_megatron(model, megatron, tp=1, pp=1, fmt="torch_dist")
     return model, data, megatron
+
+
+@pytest.fixture(scope="session")
+def rl_assets(make_tiny_model, make_synthetic_data, tmp_path_factory):
+    """(HF dir, synthetic data dir, Megatron checkpoint) of the random tiny model: what the RL
+    stage tests start from (they need no trained policy)."""
+    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+
+    model = make_tiny_model("tiny", 0)
+    data = make_synthetic_data(0)
+    megatron = tmp_path_factory.mktemp("rl-assets") / "megatron"
+    convert_hf_to_megatron(model, megatron, fmt="torch_dist", progress=False)
+    return model, data, megatron

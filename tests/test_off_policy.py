@@ -7,7 +7,7 @@ import pytest
 
 from dist_utils import run_torchrun
 from prism_megatron.metrics import read_history
-from test_rlvr import rl_assets, uninterrupted_and_resumed, write_config  # noqa: F401  (rl_assets: the fixture)
+from test_rlvr import uninterrupted_and_resumed, write_config
 
 OFF_POLICY = {"name": "grpo", "off_policy_steps": 1, "tis_cap": 2.0, "prompts_per_step": 2}
 

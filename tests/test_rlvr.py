@@ -13,18 +13,6 @@ from prism_megatron.cli import main
 from prism_megatron.metrics import read_history
 
 
-@pytest.fixture(scope="module")
-def rl_assets(make_tiny_model, make_synthetic_data, tmp_path_factory):
-    """The random tiny model converted to Megatron (fast tests need no trained policy)."""
-    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
-
-    model = make_tiny_model("tiny", 0)
-    data = make_synthetic_data(0)
-    megatron = tmp_path_factory.mktemp("rlvr") / "megatron"
-    convert_hf_to_megatron(model, megatron, fmt="torch_dist", progress=False)
-    return model, data, megatron
-
-
 def write_config(tmp_path, assets, **sections) -> str:
     model, data, megatron = assets
     cfg = {

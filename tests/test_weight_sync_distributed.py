@@ -218,17 +218,6 @@ def test_spot_check_on_a_model_sglang_cannot_read_back(monkeypatch):
         weight_sync.spot_check(cpu, samples)
 
 
-@pytest.fixture(scope="module")
-def rl_assets(make_tiny_model, make_synthetic_data, tmp_path_factory):
-    from prism_megatron.convert.hf_to_megatron import convert_hf_to_megatron
-
-    model = make_tiny_model("tiny", 0)
-    data = make_synthetic_data(0)
-    megatron = tmp_path_factory.mktemp("wsync-rlvr") / "megatron"
-    convert_hf_to_megatron(model, megatron, fmt="torch_dist", progress=False)
-    return model, data, megatron
-
-
 @pytest.mark.slow  # torchrun + a CPU server process, per layout
 @pytest.mark.dist
 @pytest.mark.parametrize("parallel", [{"pp": 2}, {"tp": 2}], ids=["pp2", "tp2"])
