@@ -63,6 +63,10 @@ COMMANDS: dict[str, Command] = {
                     "run the tiny CPU pipeline end to end and print its results "
                     "(`prism demo --help` for its options)",
                     takes_config=False),
+    "study": Command("prism_megatron.study:cli",
+                     "the miniature's mechanism study: a validation sweep, then baseline, PRISM "
+                     "and its ablations over >= 5 seeds with paired tests (`prism study --help`)",
+                     takes_config=False),
 }
 
 STAGE_COMMANDS = ("sft", "warmup", "align", "rlvr", "eval")

@@ -95,8 +95,7 @@ def pipeline_config(out: Path, model: Path, data: Path, seed: int, steps: dict, 
     if seed is None:          # the shared part, run once
         cfg.until = SHARED[-1]
     else:
-        cfg.shared_from, cfg.shared_stages, cfg.stages = str(out / "runs"), list(SHARED), \
-            list(PER_SEED)
+        cfg.shared, cfg.stages = {s: str(out / "runs") for s in SHARED}, list(PER_SEED)
     return cfg
 
 

@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("stages",),
     ("pipeline", "testing"),
     ("cli", "demo"),
+    ("study",),          # the mechanism study: runs on top of the demo's miniature
 ]
 
 # Modules allowed to break the rules while they move between layers: none (keep it that way).

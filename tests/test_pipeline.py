@@ -72,7 +72,8 @@ def status(lines: list[str], stage: str) -> str:
     ("data.test_files=[]", "data.test_files is empty"),
     ("data.rl_file=''", "data.rl_file is empty (stage prism_rlvr needs it)"),
     ("rlvr.config=''", "rlvr.config is empty"),
-    ("shared_stages=[sft]", "shared_stages needs shared_from"),
+    ("shared={sft: ''}", "shared: no work_dir given for ['sft']"),
+    ("shared={sftt: runs}", "shared: unknown stage(s) ['sftt']"),
     ("nonsense=1", "nonsense"),
     ("hf_dir=/nonexistent/model", "hf_dir: /nonexistent/model does not exist"),
 ])

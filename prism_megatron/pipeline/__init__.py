@@ -16,8 +16,8 @@ after the subprocess succeeded (with the command and the stage's first/last metr
 stages are skipped. A stage without a marker is simply started again: the training stages resume
 from their own latest checkpoint (``checkpoint.resume=auto``), the tool steps (conversion,
 pairs, upcycling) write their outputs atomically and start over. So a killed pipeline continues at
-the stage and the step it had reached. ``shared_from`` + ``shared_stages`` read finished stages
-from another work directory (``make demo`` shares SFT and the discriminator between its seeds).
+the stage and the step it had reached. ``shared`` (stage -> work directory) reads finished
+stages from other work directories (``make demo`` shares SFT and the discriminator between its seeds).
 """
 
 from __future__ import annotations

@@ -60,8 +60,9 @@ class PipelineConfig:
     until: str = ""                   # stop after this stage
     show_output: bool = True          # stream the stages' output to the console too
     threads: int = 0                  # CPU threads per stage process (OMP_NUM_THREADS); 0 = all
-    shared_from: str = ""             # another work_dir whose finished stages are reused ...
-    shared_stages: list[str] = field(default_factory=list)   # ... for these stages
+    # stage -> another work_dir whose finished stage is reused, not run here (the demo shares
+    # SFT and the discriminator between its seeds)
+    shared: dict[str, str] = field(default_factory=dict)
     policy_overrides: list[str] = field(default_factory=list)  # for sft/align/rlvr (eval.limit)
     # a `prism eval` config (e.g. examples/eval_paper.yaml): after each RL stage its policy is
     # exported to HF and evaluated on it; the results table gains a column per benchmark
@@ -93,9 +94,10 @@ def check_config(cfg: PipelineConfig) -> None:
 
     known("stages", cfg.stages)
     known("until", [cfg.until] if cfg.until else [])
-    known("shared_stages", cfg.shared_stages)
-    if cfg.shared_stages and not cfg.shared_from:
-        raise ConfigError("shared_stages needs shared_from (the work_dir that ran them)")
+    known("shared", list(cfg.shared))
+    empty = [stage for stage, work in cfg.shared.items() if not work]
+    if empty:
+        raise ConfigError(f"shared: no work_dir given for {empty}")
     if cfg.nproc < 1:
         raise ConfigError(f"nproc={cfg.nproc} must be >= 1")
     if cfg.threads < 0:
@@ -108,13 +110,13 @@ def check_config(cfg: PipelineConfig) -> None:
               "prism_rlvr": (cfg.rlvr, "data.rl_file", cfg.data.rl_file),
               "baseline_rlvr": (cfg.rlvr, "data.rl_file", cfg.data.rl_file)}
     for stage, (spec, key, value) in needed.items():
-        if selected(cfg, stage) and not spec.skip and stage not in cfg.shared_stages:
+        if selected(cfg, stage) and not spec.skip and not shared_dir(cfg, stage):
             if not value:
                 raise ConfigError(f"{key} is empty (stage {stage} needs it)")
     for name, stages in (("sft", ("sft",)), ("warmup", ("warmup",)), ("align", ("align",)),
                          ("rlvr", ("prism_rlvr", "baseline_rlvr"))):
         spec = getattr(cfg, name)
-        wanted = [s for s in stages if selected(cfg, s) and s not in cfg.shared_stages]
+        wanted = [s for s in stages if selected(cfg, s) and not shared_dir(cfg, s)]
         if wanted and not spec.skip and not spec.config:
             raise ConfigError(f"{name}.config is empty: the stage's YAML, e.g. "
                               f"examples/tiny/{'rlvr_grpo' if name == 'rlvr' else name}.yaml")
@@ -124,6 +126,11 @@ def check_config(cfg: PipelineConfig) -> None:
         raise ConfigError("data.test_files is empty: the held-out files of the results table")
     if cfg.pairs.heldout_rows < 1 or cfg.pairs.samples < 1:
         raise ConfigError("pairs.heldout_rows and pairs.samples must be >= 1")
+
+
+def shared_dir(cfg: PipelineConfig, stage: str) -> str:
+    """The work_dir whose finished ``stage`` this pipeline reuses ("" when it runs it itself)."""
+    return cfg.shared.get(stage, "")
 
 
 def selected(cfg: PipelineConfig, stage: str) -> bool:

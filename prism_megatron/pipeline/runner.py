@@ -21,7 +21,7 @@ from pathlib import Path
 from prism_megatron.distributed import free_port
 from prism_megatron.errors import PrismError
 from prism_megatron.pipeline.config import (
-    BENCHMARK_STAGES, NEEDS, POLICY_STAGES, STAGES, PipelineConfig, selected)
+    BENCHMARK_STAGES, NEEDS, POLICY_STAGES, STAGES, PipelineConfig, selected, shared_dir)
 from prism_megatron.pipeline.results import write_results
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,9 +38,8 @@ class Pipeline:
         self.status: dict[str, dict] = {}
 
     def dir(self, stage: str) -> Path:
-        if stage in self.cfg.shared_stages:
-            return Path(self.cfg.shared_from).resolve() / stage
-        return self.work / stage
+        shared = shared_dir(self.cfg, stage)
+        return Path(shared).resolve() / stage if shared else self.work / stage
 
     def marker(self, stage: str) -> dict | None:
         path = self.dir(stage) / "done.json"
@@ -124,7 +123,7 @@ class Pipeline:
                         raise PrismError(f"{key}: {p} does not exist")
 
     def will_run(self, stage: str) -> bool:
-        return (selected(self.cfg, stage) and stage not in self.cfg.shared_stages
+        return (selected(self.cfg, stage) and not shared_dir(self.cfg, stage)
                 and not getattr(self.spec(stage), "skip", False) and self.marker(stage) is None)
 
     def run(self) -> dict:
@@ -169,9 +168,9 @@ class Pipeline:
     def step(self, stage: str) -> None:
         say = lambda text: self.log(f"[pipeline] {stage:<13} {text}")   # noqa: E731
         done = self.marker(stage)
-        if stage in self.cfg.shared_stages:
+        if shared_dir(self.cfg, stage):
             if done is None:
-                raise PrismError(f"stage {stage} is shared from {self.cfg.shared_from}, where it "
+                raise PrismError(f"stage {stage} is shared from {shared_dir(self.cfg, stage)}, where it "
                                  "has not finished (run that pipeline first)")
             self.status[stage] = {"status": "shared", "seconds": done.get("seconds")}
             return say(f"shared: done in {self.dir(stage)}")
