@@ -147,3 +147,67 @@ def test_resumed_frozen_run_continues_exactly(frozen_run, frozen_assets):
                             "response_len_mean", "probe/nll_caption", "probe/nll_reasoning",
                             "loss", "grad_norm"):
         assert resumed[0][key] == pytest.approx(rows[1][key], abs=1e-6), key
+
+
+def test_frozen_pair_statistics_equal_the_online_ones_on_a_fixed_batch(frozen_assets, tmp_path):
+    """Hand-written students (per prompt: two valid, two invalid) against their teachers: the
+    frozen discriminator's forward-only statistics equal the online step's (computed before its
+    update, on the same weights), the online one moves and the frozen one does not."""
+    from transformers import AutoConfig
+
+    from prism_megatron.config import load_config
+    from prism_megatron.data.encode import load_processor
+    from prism_megatron.data.rl import load_rl_prompts
+    from prism_megatron.data.segments import pair_segments
+    from prism_megatron.distributed import destroy_distributed, init_distributed
+    from prism_megatron.rl.batch import RolloutBatch
+    from prism_megatron.rl.discriminator import Discriminator, online_pairs, vision_token_ids
+    from prism_megatron.rollout.base import Sample
+
+    texts = ["<caption>- a grid of coloured cells\n- red and blue cells</caption>\n"
+             "<think>Count the red cells: there are 2.</think>\n<answer>{a}</answer>",
+             "<think>no caption here</think>\n<answer>{a}</answer>",
+             "<caption>grid</caption><think>{a}</think><answer>{a}</answer>",
+             "<caption>grid</caption><think>x</think><answer>{a}</answer> and more text"]
+    path = write_config(tmp_path, frozen_assets, "fixed", enabled=False)
+    configs = {name: load_config(str(path), [f"discriminator.frozen={name == 'frozen'}"])
+               for name in ("frozen", "online")}
+    model_dir = configs["frozen"].model.hf_dir
+    init_distributed(tp=1, pp=1, seed=0)
+    try:
+        processor = load_processor(model_dir)
+        tok = processor.tokenizer
+        dataset, _ = load_rl_prompts(configs["frozen"].data.train_files, processor,
+                                     max_prompt_length=512,
+                                     require=("teacher_caption", "teacher_cot"), progress=False)
+        prompts = dataset[:2]
+        samples, group = [], []
+        for g, prompt in enumerate(prompts):
+            for text in texts:
+                ids = tok(text.format(a=prompt.answer) + "<|im_end|>",
+                          add_special_tokens=False)["input_ids"]
+                samples.append(Sample(ids, [0.0] * len(ids), text, "stop"))
+                group.append(g)
+        teachers = [pair_segments(p.teacher["teacher_caption"], p.teacher["teacher_cot"], tok,
+                                  p.answer) for p in prompts]
+        vision = vision_token_ids(AutoConfig.from_pretrained(model_dir))
+        out, moved = {}, {}
+        for name, cfg in configs.items():
+            disc = Discriminator.for_alignment(cfg, total_steps=2, pad_id=tok.pad_token_id)
+            disc.resume_at(0)
+            assert disc.frozen == (name == "frozen")
+            batch = RolloutBatch(prompts, samples, group)
+            disc.score(batch, tok, vision)
+            assert batch.valid.tolist() == [True, False, True, False] * 2
+            before = flat(disc.model)
+            out[name] = disc.online_step(online_pairs(batch, teachers, step=0), group)
+            moved[name] = float((flat(disc.model) - before).abs().max())
+    finally:
+        destroy_distributed()
+    frozen, online = out["frozen"], out["online"]
+    assert moved["frozen"] == 0.0 and moved["online"] > 1e-4
+    assert frozen["disc/pairs"] == online["disc/pairs"] == 4
+    assert "disc/grad_norm" not in frozen and online["disc/grad_norm"] > 0
+    for key in PAIR_KEYS:
+        assert frozen[key] == pytest.approx(online[key], abs=1e-6), key
+    assert frozen["disc/gap_caption"] != 0.0 and frozen["disc/loss"] > 0
