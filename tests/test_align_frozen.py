@@ -211,3 +211,12 @@ def test_frozen_pair_statistics_equal_the_online_ones_on_a_fixed_batch(frozen_as
     for key in PAIR_KEYS:
         assert frozen[key] == pytest.approx(online[key], abs=1e-6), key
     assert frozen["disc/gap_caption"] != 0.0 and frozen["disc/loss"] > 0
+
+
+def test_the_warm_up_refuses_a_frozen_discriminator(frozen_assets, tmp_path):
+    from prism_megatron.config import ConfigError, load_config
+    from prism_megatron.rl.discriminator import Discriminator
+
+    cfg = load_config(str(write_config(tmp_path, frozen_assets, "warmup")))
+    with pytest.raises(ConfigError, match="alignment-stage ablation"):
+        Discriminator.for_warmup(cfg, total_steps=1, pad_id=0)
