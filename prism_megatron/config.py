@@ -180,6 +180,7 @@ class DiscriminatorConfig:
     moe_grouped_gemm: bool = False     # TE's grouped GEMM for the experts (transformer_engine spec)
     warmup_aux_loss_coef: float = 0.01  # load-balancing coef of the warm-up stage (spec §3.6, §9.5)
     eval_interval: int = 0             # warm-up: held-out pairwise accuracy every N steps (0 = end)
+    frozen: bool = False               # alignment: never updated (ablation; pair stats still logged)
 
 
 @dataclass
@@ -204,6 +205,7 @@ class EvalConfig:
     n: int = 1                         # samples per prompt (pass@n when > 1)
     batch_size: int = 32
     interval: int = 0                  # training stages: also every N steps (0: before and after)
+    probe_rows: int = 0                # alignment: teacher-NLL of the first N prompts per step (0: off)
     harness: str = "builtin"           # builtin | lmms-eval
     tasks: dict[str, EvalTaskConfig] = field(default_factory=dict)   # lmms-eval: name -> settings
     datasets: dict[str, str] = field(default_factory=dict)   # lmms-eval task -> local copy dir
@@ -332,7 +334,7 @@ RANGES = (
     ("eval.max_new_tokens", 1, True, None, None), ("eval.limit", 0, True, None, None),
     ("eval.temperature", 0, True, None, None), ("eval.top_p", 0, False, 1, True),
     ("eval.n", 1, True, None, None), ("eval.batch_size", 1, True, None, None),
-    ("eval.interval", 0, True, None, None),
+    ("eval.interval", 0, True, None, None), ("eval.probe_rows", 0, True, None, None),
     ("checkpoint.save_interval", 1, True, None, None), ("checkpoint.keep_last", 0, True, None, None),
     ("logging.log_interval", 1, True, None, None),
 )

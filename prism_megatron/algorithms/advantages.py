@@ -16,6 +16,7 @@ __all__ = [
     "broadcast_to_tokens",
     "group_index",
     "group_normalize",
+    "group_spread",
     "grpo_advantages",
     "prism_advantages",
 ]
@@ -149,6 +150,48 @@ def prism_advantages(
         - format_penalty * invalid.to(torch.float64)
     )
     return advantages.to(_output_dtype(caption_scores))
+
+
+def group_spread(
+    caption_scores: Tensor,
+    reasoning_scores: Tensor,
+    valid: Tensor,
+    group_ids: Sequence[Hashable] | Tensor,
+    advantages: Tensor,
+    *,
+    eps: float = 1e-6,
+) -> dict[str, float]:
+    """How much signal group normalisation has to work with in one step.
+
+    ``caption`` / ``reasoning``: the mean over groups of the within-group std (unbiased, as
+    :func:`group_normalize` uses) of the VALID members' scores; groups with fewer than two valid
+    members have no spread to measure and are left out (0.0 when no group has two). A saturated
+    judge drives these towards 0 while ``group_normalize`` still spreads the advantages to unit
+    std, i.e. ranks noise. ``flat_groups``: the share of groups whose advantages have a std
+    below ``eps`` (all invalid, identical scores, a singleton): those groups give no gradient.
+    """
+    index, num_groups = group_index(group_ids)
+    if not (index.numel() == caption_scores.numel() == reasoning_scores.numel()
+            == valid.numel() == advantages.numel()):
+        raise ValueError("scores, valid, group_ids and advantages differ in length")
+    ok = valid.detach().cpu().bool()
+
+    def std(x: Tensor) -> float:
+        return float(x.std()) if x.numel() > 1 else 0.0
+
+    spreads: dict[str, list[float]] = {"caption": [], "reasoning": []}
+    flat = 0
+    adv = advantages.detach().cpu().to(torch.float64)
+    for g in range(num_groups):
+        members = index == g
+        for name, scores in (("caption", caption_scores), ("reasoning", reasoning_scores)):
+            kept = scores.detach().cpu().to(torch.float64)[members & ok]
+            if kept.numel() > 1:
+                spreads[name].append(std(kept))
+        flat += std(adv[members]) < eps
+    return {"caption": sum(spreads["caption"]) / max(len(spreads["caption"]), 1),
+            "reasoning": sum(spreads["reasoning"]) / max(len(spreads["reasoning"]), 1),
+            "flat_groups": flat / max(num_groups, 1)}
 
 
 def broadcast_to_tokens(advantages: Tensor, response_mask: Tensor) -> Tensor:

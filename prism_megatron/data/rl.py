@@ -35,6 +35,7 @@ class RLPrompt:
     teacher: dict[str, str] = field(default_factory=dict)   # teacher_caption / teacher_cot
     id: str = ""
     data_source: str | None = None
+    meta: dict | None = None         # the synthetic task's ground truth (grid + question), if any
 
     def rollout_prompt(self) -> RolloutPrompt:
         return RolloutPrompt.from_encoded(self.encoded, self.images)
@@ -78,10 +79,15 @@ def load_rl_prompts(files: list, processor, *, max_prompt_length: int,
                       disable=not progress, leave=False):
             stats.seen += 1
             try:
-                prompts.append(row_prompt(table[i], processor,
-                                          max_prompt_length=max_prompt_length, require=require))
+                prompt = row_prompt(table[i], processor, max_prompt_length=max_prompt_length,
+                                    require=require)
             except BadRow as bad:
                 stats.skip(bad)
+                continue
+            meta = table.raw(i).get("meta")    # kept for the per-step fidelity metrics
+            if isinstance(meta, dict) and "grid" in meta and "question" in meta:
+                prompt.meta = meta
+            prompts.append(prompt)
     log.info("RL prompts: %s", stats.summary())
     stats.check(max_skip_fraction, ", ".join(map(str, files)))
     return prompts, stats

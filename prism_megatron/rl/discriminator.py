@@ -234,8 +234,11 @@ class Discriminator:
     saved at the policy's steps."""
 
     def __init__(self, cfg: PrismConfig, total_steps: int, pad_id: int, *,
-                 optimizer: OptimizerConfig, layout: ParallelConfig, save_dir: str,
+                 optimizer: OptimizerConfig | None, layout: ParallelConfig, save_dir: str,
                  aux_loss_coef: float):
+        """``optimizer`` None: a frozen discriminator, built without a trainer (no DDP gradient
+        buffer, no optimizer state: at 2B scale that is several GB per rank), scored and
+        evaluated forward-only, never saved (its weights are ``discriminator.megatron_dir``'s)."""
         from prism_megatron.models.discriminator.model import build_discriminator
         from prism_megatron.trainer import Trainer
 
@@ -243,23 +246,43 @@ class Discriminator:
         self.cfg, self.pad_id = cfg, pad_id
         self.model, tconfig = build_discriminator(d.megatron_dir, d, cfg.model)
         self.model.set_aux_loss(aux_loss_coef)
-        self.trainer = Trainer(self.model, tconfig, optimizer, layout,
-                               dataclasses.replace(cfg.checkpoint, save_dir=save_dir),
-                               total_steps, bf16=cfg.model.dtype == "bf16")
-        if self.trainer.saving:   # the saved directory is itself a discriminator checkpoint
-            describe_save_dir(d.megatron_dir, save_dir)
+        self.trainer = None
+        if optimizer is None:
+            self.model.requires_grad_(False)
+            # as the Trainer sets it: megatron then leaves the logged (loss x weight) sums as
+            # they are instead of dividing them in place by tokens and micro-batches
+            tconfig.calculate_per_token_loss = True
+            scored = self.model
+        else:
+            self.trainer = Trainer(self.model, tconfig, optimizer, layout,
+                                   dataclasses.replace(cfg.checkpoint, save_dir=save_dir),
+                                   total_steps, bf16=cfg.model.dtype == "bf16")
+            if self.trainer.saving:   # the saved directory is itself a discriminator checkpoint
+                describe_save_dir(d.megatron_dir, save_dir)
+            scored = self.trainer.model
         self.position_fn = self.model.position_fn
-        self.scorer = Scorer(self.trainer.model, pad_id, score_clip=d.score_clip)
+        self.scorer = Scorer(scored, pad_id, score_clip=d.score_clip)
+
+    @property
+    def frozen(self) -> bool:
+        return self.trainer is None
 
     @classmethod
     def for_warmup(cls, cfg: PrismConfig, total_steps: int, pad_id: int) -> "Discriminator":
+        if cfg.discriminator.frozen:
+            raise ConfigError("discriminator.frozen=true is an alignment-stage ablation; the "
+                              "warm-up trains the discriminator (set it to false)")
         save_dir = cfg.checkpoint.save_dir if cfg.checkpoint.enabled else ""
         return cls(cfg, total_steps, pad_id, optimizer=cfg.optimizer, layout=discriminator_layout(cfg),
                    save_dir=save_dir, aux_loss_coef=cfg.discriminator.warmup_aux_loss_coef)
 
     @classmethod
     def for_alignment(cls, cfg: PrismConfig, total_steps: int, pad_id: int) -> "Discriminator":
+        """Beside the policy with its own optimizer, or (``discriminator.frozen``) without."""
         d = cfg.discriminator
+        if d.frozen:
+            return cls(cfg, total_steps, pad_id, optimizer=None, layout=discriminator_layout(cfg),
+                       save_dir="", aux_loss_coef=d.aux_loss_coef)
         o = cfg.optimizer   # the memory levers are the policy's (a co-located pair, one plan)
         optimizer = OptimizerConfig(lr=d.lr, weight_decay=0.01, schedule="constant",
                                     warmup_ratio=0.0, clip_grad=o.clip_grad,
@@ -278,14 +301,16 @@ class Discriminator:
         load_discriminator(self.model, self.cfg.discriminator.megatron_dir)
 
     def save(self, step: int):
-        return self.trainer.save(step)
+        """The trainer's checkpoint at ``step``; nothing for a frozen discriminator."""
+        return None if self.frozen else self.trainer.save(step)
 
     def resume_at(self, step: int) -> None:
         """The discriminator saved at the policy's step (saved before the policy's, so it exists
-        whenever the policy's does), or the initial weights at step 0."""
+        whenever the policy's does), or the initial weights at step 0. A frozen one always
+        loads the initial weights: they are its weights at every step."""
         from prism_megatron.checkpoint import load_checkpoint
 
-        if step == 0:
+        if step == 0 or self.frozen:
             self.load_initial()
             return
         path = Path(self.trainer.checkpoint.save_dir) / f"step_{step:07d}"
@@ -347,16 +372,27 @@ class Discriminator:
                            dp_size=ps.get_data_parallel_world_size(),
                            groups_per_micro=max(1, self.cfg.data.micro_batch_size // n),
                            pad_id=self.pad_id, position_fn=self.position_fn)
-        out = self.trainer.train_step(plan.batches, pair_forward(
-            lambda b: online_loss_fn(b, stats, d.score_reg, d.score_clip)),
-            plan.seq_length)
+        forward = pair_forward(lambda b: online_loss_fn(b, stats, d.score_reg, d.score_clip))
+        if self.frozen:   # the same pairs and statistics, forward-only, no update
+            out = self.eval_step(plan.batches, forward, plan.seq_length)
+        else:
+            out = self.trainer.train_step(plan.batches, forward, plan.seq_length)
         pair = stats.reduce()
-        return {"disc/loss": out["loss"], "disc/grad_norm": out["grad_norm"],
+        grad_norm = {} if self.frozen else {"disc/grad_norm": out["grad_norm"]}
+        return {"disc/loss": out["loss"], **grad_norm,
                 "disc/acc_caption": pair["acc_caption"],
                 "disc/acc_reasoning": pair["acc_reasoning"],
                 "disc/gap_caption": pair["margin_caption"],
                 "disc/gap_reasoning": pair["margin_reasoning"], "disc/pairs": pair["pairs"],
                 "disc/sequences_per_prompt": 2.0 + 2.0 * n, **self.load("disc/load")}
+
+    def eval_step(self, batches: list[dict], forward, seq_length: int) -> dict:
+        """A no-gradient pass; the global mean of the loss_fn's ``loss`` logs (with or without
+        a trainer)."""
+        from prism_megatron.schedule import forward_only
+        from prism_megatron.trainer import reduce_losses
+
+        return reduce_losses(forward_only(self.scorer.model, batches, forward, seq_length))
 
     def evaluate(self, pairs: list[PairSample]) -> dict:
         """Held-out pairwise accuracy (teacher > student) per segment + expert load, no update."""
@@ -367,8 +403,8 @@ class Discriminator:
         chunk = self.cfg.data.micro_batch_size * ps.get_data_parallel_world_size() * 8
         for start in range(0, len(pairs), chunk):
             plan = self.plan(pairs, list(range(start, min(start + chunk, len(pairs)))))
-            self.trainer.eval_step(plan.batches, pair_forward(lambda b: pair_loss_fn(b, stats)),
-                                   plan.seq_length)
+            self.eval_step(plan.batches, pair_forward(lambda b: pair_loss_fn(b, stats)),
+                           plan.seq_length)
         load = reduce_load(self.model.take_load(), self.model.config.sequence_parallel)
         return {**stats.reduce(), **load_metrics(load), "_load_table": load_table(load)}
 

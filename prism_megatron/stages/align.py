@@ -13,6 +13,15 @@ policy update (clipped ratio, token-mean, no KL) -> discriminator update on the 
 invalid students out of the pairwise term; the valid count is summed over data-parallel ranks) ->
 weight sync -> log and checkpoint. No teacher logits anywhere.
 
+Observing the game, every step: the within-group spread of the scores and the share of flat
+groups (``spread/*``, ``adv/flat_groups``: a saturated judge leaves group normalisation ranking
+noise), the ground-truth fidelity of the step's own samples when every prompt carries the
+synthetic task's ``meta`` (``fidelity/*``), and with ``eval.probe_rows`` the policy's NLL of fixed
+teacher demonstrations after its update (``probe/*``, ``rl/probe.py``). ``discriminator.frozen``
+is the ablation without the discriminator update: no optimizer is built, the same pair
+statistics (``disc/acc_*``, ``disc/gap_*``, ``disc/loss``) are computed forward-only on the step's
+pairs, and nothing is saved for it (a resumed run reloads ``discriminator.megatron_dir``).
+
 How the two models share the processes: CO-LOCATED. Every rank holds its part of the policy and
 of the discriminator, under ONE megatron layout: ``parallel.tp`` / ``parallel.pp`` for both (so
 ``discriminator.tp/pp`` must match) and ``discriminator.ep`` spreading the experts over
@@ -28,13 +37,14 @@ from __future__ import annotations
 import logging
 import time
 
-from prism_megatron.algorithms.advantages import prism_advantages
+from prism_megatron.algorithms.advantages import group_spread, prism_advantages
 from prism_megatron.config import ConfigError, PrismConfig
 from prism_megatron.data.sampler import ResumableSampler
 from prism_megatron.data.segments import pair_segments
 from prism_megatron.rl.discriminator import (
     Discriminator, check_discriminator, online_pairs, vision_token_ids)
 from prism_megatron.rl.policy import Policy, check_rl_config, response_metrics
+from prism_megatron.rl.probe import make_probe
 from prism_megatron.rl.timing import StepTimer
 from prism_megatron.runtime import Checkpoints, StepResult, stage_session
 
@@ -59,15 +69,33 @@ def check_config(cfg: PrismConfig) -> None:
 
 def student_metrics(batch) -> dict[str, float]:
     """Teacher-likeness of the policy (mean discriminator scores of its valid responses), format
-    rate, advantage and length statistics."""
+    rate, advantage, score-spread and length statistics, and the samples' fidelity. The batch
+    is broadcast (every rank holds every sample), so these are the same on every rank."""
     v = batch.valid.bool()
     count = max(int(v.sum()), 1)
     adv = batch.advantages
+    spread = group_spread(batch.caption, batch.reasoning, v, batch.group, adv)
     return {"score_caption": float(batch.caption[v].sum()) / count,
             "score_reasoning": float(batch.reasoning[v].sum()) / count,
             "format_rate": float(v.float().mean()),
             "adv_mean": float(adv.mean()), "adv_std": float(adv.std()),
-            "adv_min": float(adv.min()), "adv_max": float(adv.max()), **response_metrics(batch)}
+            "adv_min": float(adv.min()), "adv_max": float(adv.max()),
+            "spread/caption": spread["caption"], "spread/reasoning": spread["reasoning"],
+            "adv/flat_groups": spread["flat_groups"],
+            **response_metrics(batch), **fidelity_metrics(batch)}
+
+
+def fidelity_metrics(batch) -> dict[str, float]:
+    """``fidelity/<key>`` of the step's samples against their rows' ground truth
+    (``eval/fidelity.py``), only when every prompt has the synthetic task's ``meta``."""
+    from prism_megatron.eval.fidelity import FIDELITY_KEYS, score_fidelity, summarize_fidelity
+
+    if not batch.prompts or any(getattr(p, "meta", None) is None for p in batch.prompts):
+        return {}
+    summary = summarize_fidelity([score_fidelity(s.text, batch.prompt_of(i).meta,
+                                                 batch.prompt_of(i).answer)
+                                  for i, s in enumerate(batch.samples)])
+    return {f"fidelity/{k}": v for k in FIDELITY_KEYS if (v := summary[k]) is not None}
 
 
 def run(cfg: PrismConfig) -> dict:
@@ -96,6 +124,7 @@ def run(cfg: PrismConfig) -> dict:
         session.cleanup(policy.shutdown)
         disc = Discriminator.for_alignment(cfg, total, tokenizer.pad_token_id)
         vision_ids = vision_token_ids(policy.hf_config)
+        probe = make_probe(cfg, dataset, tokenizer, policy.hf_config)
         sampler = ResumableSampler(len(dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
         checkpoints = Checkpoints(cfg, policy.trainer, state={"sampler": sampler},
                                   companions=(disc,))
@@ -116,6 +145,9 @@ def run(cfg: PrismConfig) -> dict:
                     format_penalty=a.format_penalty).float()
             metrics = student_metrics(batch)
             metrics.update(policy.train(batch, timer))
+            if probe is not None:
+                with timer.phase("probe", tokens=probe.batch.tokens()):
+                    metrics.update(probe.nll(policy.model))
             with timer.phase("disc_update"):
                 pairs = online_pairs(batch, [teachers[i] for i in indices], step)
                 metrics.update(disc.online_step(pairs, batch.group))
@@ -130,7 +162,10 @@ def run(cfg: PrismConfig) -> dict:
             evaluate=session.policy_evaluator(processor, policy.model, policy.hf_config,
                                               engine=policy.engine, shared=True))
         session.plot(["disc/acc_caption", "disc/acc_reasoning", "score_caption",
-                      "score_reasoning", "format_rate"], "align_curves.png", "PRISM alignment")
+                      "score_reasoning", "format_rate", "spread/caption", "spread/reasoning",
+                      "adv/flat_groups", "fidelity/perception_precision",
+                      "fidelity/reasoning_precision", "probe/nll_caption",
+                      "probe/nll_reasoning"], "align_curves.png", "PRISM alignment")
         return metrics
 
 
