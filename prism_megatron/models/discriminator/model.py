@@ -62,10 +62,12 @@ def moe_config_fields(num_experts: int, top_k: int, moe_ffn_hidden_size: int, *,
                       dispatcher: str, grouped_gemm: bool = False) -> dict:
     """TransformerConfig fields of the MoE layers. Routing as HF Qwen3-VL-MoE: fp32 softmax over
     the experts, top-k, renormalised (= softmax over the top-k logits, megatron's default
-    post-softmax top-k); no shared expert; megatron's own aux loss off (see routing.py)."""
+    post-softmax top-k); no shared expert; megatron's own aux loss off (see routing.py).
+    megatron refuses post-softmax top-1 (its weight is always 1, so the router gets no gradient
+    from the loss, as in HF): top-1 runs pre-softmax and ``SegmentRouter`` renormalises."""
     return dict(num_moe_experts=num_experts, moe_router_topk=top_k,
                 moe_ffn_hidden_size=moe_ffn_hidden_size, moe_router_score_function="softmax",
-                moe_router_pre_softmax=False, moe_router_dtype="fp32",
+                moe_router_pre_softmax=top_k == 1, moe_router_dtype="fp32",
                 moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
                 moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=grouped_gemm,
                 moe_permute_fusion=False, expert_model_parallel_size=ep)

@@ -150,7 +150,7 @@ class RoutingContext:
 class SegmentRouter(TopKRouter):
     """TopKRouter with the segment-routing mask, masked aux loss and load counts of a
     ``RoutingContext`` (attached by the discriminator as ``router.routing_context``). Without a
-    context (or without a batch set) it is exactly megatron's TopKRouter."""
+    context (or without a batch set) it is megatron's TopKRouter (top-1: renormalised)."""
 
     routing_context: RoutingContext | None = None
 
@@ -162,17 +162,24 @@ class SegmentRouter(TopKRouter):
         valid = ctx.local(ctx.valid.to(self.weight.device), num_tokens)
         return ctx, segment, valid
 
+    def _topk_routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None):
+        probs, routing_map = super().routing(logits, padding_mask)
+        if self.topk == 1:   # pre-softmax (model.moe_config_fields): renormalised, weight 1 as HF
+            total = probs.sum(dim=-1, keepdim=True)   # >= 1/E; 0 only on unrouted padding
+            probs = probs / total.clamp(min=torch.finfo(probs.dtype).tiny)
+        return probs, routing_map
+
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         num_experts = self.config.num_moe_experts
         tokens = self._tokens(logits.numel() // num_experts)
         if tokens is None:
-            return super().routing(logits, padding_mask)
+            return self._topk_routing(logits, padding_mask)
         ctx, segment, valid = tokens
         allowed = ctx.allowed.to(logits.device)[segment]              # [T, E]
         flat = logits.reshape(-1, num_experts)
         if not bool(allowed.all()):
             flat = flat.masked_fill(~allowed, float("-inf"))
-        probs, routing_map = super().routing(flat.view_as(logits), padding_mask)
+        probs, routing_map = self._topk_routing(flat.view_as(logits), padding_mask)
         with torch.no_grad():
             counts = torch.zeros(2, num_experts, device=logits.device)
             counts.index_add_(0, segment[valid], routing_map[valid].float())
