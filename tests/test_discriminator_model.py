@@ -35,6 +35,10 @@ def assets(megatron_1proc, tiny_model_dir, synthetic_data_dir, tmp_path_factory)
     # random, since the one expert gets probability 1 whatever the logits.
     upcycle(tiny_model_dir, root / "identity_1x1", num_experts=1, top_k=1, noise_std=0.0,
             progress=False, log=quiet)
+    # Top-1 of 4 identical experts, random router: the dense MLP only if the routed expert's
+    # weight is 1 (renormalised top-1, as HF), not its softmax probability.
+    upcycle(tiny_model_dir, root / "identity_4x1", num_experts=4, top_k=1, noise_std=0.0,
+            progress=False, log=quiet)
     processor = load_processor(tiny_model_dir)
     paths = write_synthetic_pairs(synthetic_data_dir, root / "pairs")
     pairs, _ = load_pairs([str(paths["heldout"])], processor)
@@ -90,16 +94,18 @@ def final_hidden(model, call):
     return captured[0]
 
 
-@pytest.mark.parametrize("name", ["identity", "identity_1x1"])
-def test_upcycling_with_zero_noise_and_uniform_router_reproduces_the_dense_model(assets, name):
+@pytest.mark.parametrize("name,routing", [("identity", "learned"), ("identity_1x1", "learned"),
+                                          ("identity_4x1", "segment")])
+def test_upcycling_with_zero_noise_and_uniform_router_reproduces_the_dense_model(assets, name,
+                                                                                  routing):
     """Every expert = the dense MLP and equal router logits: the top-2 mix of identical experts
     is the dense MLP, so the MoE hidden states equal the dense model's (spec §3.1). With one
-    expert (top-1, random router) likewise, and the scores are the value head on the dense
-    model's hidden states."""
+    expert (top-1, random router: the dense-discriminator ablation) and with top-1 of 4 in
+    segment mode likewise; the scores are the value head on the dense model's hidden states."""
     from prism_megatron.convert.upcycle import build_dense_from_hf
 
     _, _, dense = build_dense_from_hf(assets["hf_dir"])
-    disc = load(assets, name)
+    disc = load(assets, name, routing)
     seqs = sequences(assets)[:6]
     batch = batch_of(assets, seqs, disc)
     with torch.no_grad():
