@@ -270,7 +270,7 @@ CHOICES = {
     "rollout.weight_sync": ("auto", "tensor", "distributed", "disk"),
     "algorithm.name": ("grpo", "dapo", "gspo", "prism"),
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                           "seq-mean-token-sum-norm"),
+                           "seq-mean-token-sum-norm", "token-mean-micro"),
     "algorithm.kl_kind": ("kl", "abs", "mse", "low_var_kl"),
     "discriminator.expert_routing": ("learned", "segment"),
 }

@@ -31,6 +31,14 @@ def assets(megatron_1proc, tiny_model_dir, synthetic_data_dir, tmp_path_factory)
                        progress=False, log=quiet)
     assert identity["tensors"]["fresh"] == 4 + 1   # 4 routers + value head
     upcycle(tiny_model_dir, root / "noisy", noise_std=0.01, export_hf=True, progress=False, log=quiet)
+    # The dense-discriminator ablation: one expert (the dense MLP), top-1; its router is kept
+    # random, since the one expert gets probability 1 whatever the logits.
+    upcycle(tiny_model_dir, root / "identity_1x1", num_experts=1, top_k=1, noise_std=0.0,
+            progress=False, log=quiet)
+    # Top-1 of 4 identical experts, random router: the dense MLP only if the routed expert's
+    # weight is 1 (renormalised top-1, as HF), not its softmax probability.
+    upcycle(tiny_model_dir, root / "identity_4x1", num_experts=4, top_k=1, noise_std=0.0,
+            progress=False, log=quiet)
     processor = load_processor(tiny_model_dir)
     paths = write_synthetic_pairs(synthetic_data_dir, root / "pairs")
     pairs, _ = load_pairs([str(paths["heldout"])], processor)
@@ -42,7 +50,8 @@ def load(assets, name="noisy", routing="learned"):
         build_discriminator_from_config, load_discriminator, read_info)
 
     hf, info = read_info(assets["root"] / name)
-    model, _ = build_discriminator_from_config(hf, num_experts=4, top_k=2, expert_routing=routing,
+    model, _ = build_discriminator_from_config(hf, num_experts=info["num_experts"],
+                                               top_k=info["top_k"], expert_routing=routing,
                                                padded_vocab_size=info["padded_vocab_size"])
     load_discriminator(model, assets["root"] / name)
     return model.eval()
@@ -85,15 +94,22 @@ def final_hidden(model, call):
     return captured[0]
 
 
-def test_upcycling_with_zero_noise_and_uniform_router_reproduces_the_dense_model(assets):
+@pytest.mark.parametrize("name,routing", [("identity", "learned"), ("identity_1x1", "learned"),
+                                          ("identity_4x1", "segment")])
+def test_upcycling_with_zero_noise_and_uniform_router_reproduces_the_dense_model(assets, name,
+                                                                                  routing):
     """Every expert = the dense MLP and equal router logits: the top-2 mix of identical experts
-    is the dense MLP, so the MoE hidden states equal the dense model's (spec §3.1)."""
+    is the dense MLP, so the MoE hidden states equal the dense model's (spec §3.1). With one
+    expert (top-1, random router: the dense-discriminator ablation) and with top-1 of 4 in
+    segment mode likewise; the scores are the value head on the dense model's hidden states."""
     from prism_megatron.convert.upcycle import build_dense_from_hf
 
     _, _, dense = build_dense_from_hf(assets["hf_dir"])
-    disc = load(assets, "identity")
+    disc = load(assets, name, routing)
     seqs = sequences(assets)[:6]
     batch = batch_of(assets, seqs, disc)
+    with torch.no_grad():
+        values = run(disc, batch)                            # [B, S]
     moe = final_hidden(disc, lambda: run(disc, batch))
     ref = final_hidden(dense.eval(), lambda: dense(
         batch["input_ids"], batch["position_ids"], batch["attention_mask"],
@@ -101,6 +117,11 @@ def test_upcycling_with_zero_noise_and_uniform_router_reproduces_the_dense_model
     valid = batch["valid_tokens"].t()                        # [S, B]
     assert (moe - ref)[valid].abs().max().item() < 1e-5
     assert ref[valid].abs().max().item() > 0.1               # not trivially zero
+    with torch.no_grad():
+        dense_values = disc.v_head(ref).transpose(0, 1)      # [B, S]
+    valid = batch["valid_tokens"]
+    assert (values - dense_values)[valid].abs().max().item() < 1e-5
+    assert values[valid].std().item() > 1e-3                 # the value head is not constant
 
 
 def test_noisy_experts_are_independent_and_reproducible(assets):

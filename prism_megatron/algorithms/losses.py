@@ -28,7 +28,8 @@ __all__ = [
     "tis_weights",
 ]
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
+             "token-mean-micro")
 LOG_RATIO_CLAMP = 20.0  # token log-ratio clamp (spec §6.1)
 GSPO_LOG_RATIO_MAX = 10.0  # GSPO clamps its per-token log-ratio from above (spec §6.4)
 
@@ -40,7 +41,8 @@ def _check_mode(mode: str) -> None:
 
 def aggregation_denominator(mask: Tensor, mode: str) -> Tensor:
     """This piece's normaliser for ``mode``: token count (``token-mean``), number of sequences
-    with >= 1 token (``seq-mean-*``), or the constant ``T`` (``seq-mean-token-sum-norm``).
+    with >= 1 token (``seq-mean-*``, ``token-mean-micro``), or the constant ``T``
+    (``seq-mean-token-sum-norm``).
 
     Sum the first two over micro-batches / ranks to get the global ``denominator``; the third is
     a constant and is NOT summed (pass the same ``T``, e.g. the max response length, everywhere).
@@ -63,6 +65,11 @@ def aggregate(
     * ``seq-mean-token-sum``: mean over sequences with >= 1 token of ``sum_t L*M``
     * ``seq-mean-token-mean``: mean over sequences with >= 1 token of ``sum_t L*M / sum_t M``
     * ``seq-mean-token-sum-norm``: ``sum(L*M) / T`` (Dr. GRPO's constant normaliser)
+    * ``token-mean-micro``: verl's micro-batch weighting. Each call is one micro-batch ``b``:
+      ``n_b * (sum(L*M) / sum(M)) / denominator`` with ``n_b`` its sequences with >= 1 token;
+      with the mini-batch's sequence count as ``denominator`` the pieces add up to
+      ``sum_b n_b/N x token-mean_b``. Alone (no ``denominator``) it is ``token-mean``; it depends
+      on how the mini-batch is split, which is the point (a parity option).
 
     ``denominator`` replaces the local normaliser (global token count, global sequence count, or
     the constant T) so that per-micro-batch results sum to the whole-batch value. Normalisers
@@ -74,6 +81,9 @@ def aggregate(
     if mode == "seq-mean-token-mean":
         counts = valid.sum(dim=-1).clamp(min=1).to(loss.dtype)
         total = (masked.sum(dim=-1) / counts).sum()  # empty sequences contribute 0
+    elif mode == "token-mean-micro":
+        rows = valid.any(dim=-1).sum()
+        total = masked.sum() / valid.sum().clamp(min=1) * rows
     else:
         total = masked.sum()
     if denominator is None:

@@ -180,8 +180,10 @@ def make_loss_forward(settings: LossSettings, vocab_size: int, *, stats: StepSta
     """``forward(batch, model)`` of megatron's schedule for the clipped policy loss, reading the
     micro-batch's ``advantages``, ``old_log_probs``, ``rollout_log_probs`` (and
     ``ref_log_probs``) [B, S]. Each micro-batch returns (numerator, normaliser): megatron divides
-    by the GLOBAL normaliser (tokens for token-mean, sequences for seq-mean-*), so the step equals
-    the whole mini-batch aggregate."""
+    by the GLOBAL normaliser (tokens for token-mean, sequences for seq-mean-* and
+    token-mean-micro), so the step equals the whole mini-batch aggregate; for token-mean-micro
+    the numerator is the micro-batch's token mean x its sequence count, i.e. verl's weighting
+    of micro-batches by their share of the mini-batch's sequences (over all DP ranks)."""
 
     def forward(batch, model):
         logits = policy_forward(batch, model)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from prism_megatron.config import ConfigError
 from prism_megatron.models.discriminator.routing import (
-    ROUTING_MODES, RoutingContext, allowed_experts, attach_routing_context)
+    ROUTING_MODES, RoutingContext, allowed_experts, attach_routing_context, layer_aux_weight)
 from prism_megatron.models.discriminator.specs import moe_text_block_spec
 from prism_megatron.models.discriminator.value_head import ValueHead
 from prism_megatron.models.qwen3_vl import config as qcfg
@@ -62,10 +62,12 @@ def moe_config_fields(num_experts: int, top_k: int, moe_ffn_hidden_size: int, *,
                       dispatcher: str, grouped_gemm: bool = False) -> dict:
     """TransformerConfig fields of the MoE layers. Routing as HF Qwen3-VL-MoE: fp32 softmax over
     the experts, top-k, renormalised (= softmax over the top-k logits, megatron's default
-    post-softmax top-k); no shared expert; megatron's own aux loss off (see routing.py)."""
+    post-softmax top-k); no shared expert; megatron's own aux loss off (see routing.py).
+    megatron refuses post-softmax top-1 (its weight is always 1, so the router gets no gradient
+    from the loss, as in HF): top-1 runs pre-softmax and ``SegmentRouter`` renormalises."""
     return dict(num_moe_experts=num_experts, moe_router_topk=top_k,
                 moe_ffn_hidden_size=moe_ffn_hidden_size, moe_router_score_function="softmax",
-                moe_router_pre_softmax=False, moe_router_dtype="fp32",
+                moe_router_pre_softmax=top_k == 1, moe_router_dtype="fp32",
                 moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
                 moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=grouped_gemm,
                 moe_permute_fusion=False, expert_model_parallel_size=ep)
@@ -107,9 +109,13 @@ class Qwen3VLDiscriminator(Qwen3VLModel):
         self.aux_loss_coef = float(coef)
 
     def set_step_aux_scale(self, mean_loss_weight: float) -> None:
-        """Constant aux gradient weight for the coming step: coef x this rank's mean loss count
-        per micro-batch (so the aux loss enters as coef x its mean over micro-batches/ranks)."""
-        self.routing_context.aux_scale = self.aux_loss_coef * float(mean_loss_weight)
+        """Constant aux gradient weight of each layer for the coming step: ``coef x top_k / L``
+        (L: MoE layers of the whole model; the reference's pooled scale, ``layer_aux_weight``)
+        x this rank's mean loss count per micro-batch, so the aux loss enters as ``coef x top_k
+        x`` its mean over layers, micro-batches and ranks."""
+        weight = layer_aux_weight(self.aux_loss_coef, self.config.moe_router_topk,
+                                  self.config.num_layers)
+        self.routing_context.aux_scale = weight * float(mean_loss_weight)
 
     # ---- statistics ---------------------------------------------------------------------------
     def take_load(self) -> Tensor:
@@ -120,7 +126,9 @@ class Qwen3VLDiscriminator(Qwen3VLModel):
 
     def take_aux(self) -> float:
         """Mean load-balancing loss per layer-forward since the last call (this rank; training
-        forwards with a non-zero coefficient only)."""
+        forwards with a non-zero coefficient only), the logged ``aux_loss``: 1 at balance in
+        both routing modes; the loss added to the objective is ``coef x top_k x`` this (the
+        reference's pooled loss is ``top_k`` at balance)."""
         total = self._aux.clone()
         self._aux.zero_()
         if torch.distributed.is_initialized():

@@ -8,7 +8,9 @@
 * A padding-aware Switch load-balancing loss (spec §3.6 "attention-masked"; coefficient per stage,
   §9.5): the plain Switch loss in ``learned`` mode, balanced within each half in ``segment`` mode,
   attached to the routing probabilities with a constant gradient scale, like megatron's
-  MoEAuxLossAutoScaler but with our own scale (see ``RoutingContext``).
+  MoEAuxLossAutoScaler but with our own scale (see ``RoutingContext``). Each layer's loss is
+  weighted ``coef x top_k / L`` (``layer_aux_weight``), the scale of the reference's loss
+  (transformers' ``load_balancing_loss_func``, pooled over the L layers, ``top_k`` at balance).
 * Expert-load counts per layer, per segment type, per expert (padding excluded) for the logs.
 
 megatron's own aux loss stays off (``moe_aux_loss_coeff=0``): its gradient scale is tied to a
@@ -88,6 +90,19 @@ def switch_aux_loss(scores: torch.Tensor, routing_map: torch.Tensor, segment: to
     return aux
 
 
+def layer_aux_weight(coef: float, topk: int, num_layers: int) -> float:
+    """Weight of one layer's ``switch_aux_loss`` (1 at balance) so that the model's total is on
+    the scale of ``coef x`` transformers' ``load_balancing_loss_func``: that one pools the routing
+    statistics of all L layers, ``E * sum_e F_e P_e`` with ``F_e`` the share of the L*T*top_k
+    slots (summing to top_k) and ``P_e`` the mean probability over the L*T token-layers, so it
+    is ``top_k`` at balance. ``sum_l coef*top_k/L * aux_l = coef * mean_l E sum_e F_le P_le``:
+    equal to the reference's value and gradient whenever every layer has the same routing
+    statistics (balance included); otherwise larger by ``coef * E * sum_e cov_l(F_le, P_le)``
+    (the pooled loss only balances the layers' mean load). L counts the MoE layers of the whole
+    model, not of one pipeline stage."""
+    return coef * topk / num_layers
+
+
 @dataclass
 class RoutingContext:
     """Per-forward routing inputs shared by all routers of one model chunk, and their outputs.
@@ -95,10 +110,10 @@ class RoutingContext:
     The discriminator fills ``segment`` / ``valid`` (``[S, B]``, the router's token order) before
     each forward; routers read them and write this forward's load counts and aux-loss values into
     per-layer slots (overwritten, not added, so an activation-recompute re-run cannot double count).
-    ``aux_scale`` is the constant gradient weight of the aux loss for the whole step: the stage sets
-    ``coef * (loss count on this rank) / (micro-batches)``, so after megatron divides the
-    gradients by the global loss count the aux loss enters as ``coef x`` its mean over
-    micro-batches and ranks.
+    ``aux_scale`` is the constant gradient weight of each layer's aux loss for the whole step:
+    ``layer_aux_weight(coef, top_k, L) * (loss count on this rank) / (micro-batches)``, so after
+    megatron divides the gradients by the global loss count the aux losses enter as
+    ``coef * top_k / L x`` their sum over layers, averaged over micro-batches and ranks.
     """
 
     allowed: torch.Tensor                      # [2, E] bool
@@ -135,7 +150,7 @@ class RoutingContext:
 class SegmentRouter(TopKRouter):
     """TopKRouter with the segment-routing mask, masked aux loss and load counts of a
     ``RoutingContext`` (attached by the discriminator as ``router.routing_context``). Without a
-    context (or without a batch set) it is exactly megatron's TopKRouter."""
+    context (or without a batch set) it is megatron's TopKRouter (top-1: renormalised)."""
 
     routing_context: RoutingContext | None = None
 
@@ -147,17 +162,24 @@ class SegmentRouter(TopKRouter):
         valid = ctx.local(ctx.valid.to(self.weight.device), num_tokens)
         return ctx, segment, valid
 
+    def _topk_routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None):
+        probs, routing_map = super().routing(logits, padding_mask)
+        if self.topk == 1:   # pre-softmax (model.moe_config_fields): renormalised, weight 1 as HF
+            total = probs.sum(dim=-1, keepdim=True)   # >= 1/E; 0 only on unrouted padding
+            probs = probs / total.clamp(min=torch.finfo(probs.dtype).tiny)
+        return probs, routing_map
+
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         num_experts = self.config.num_moe_experts
         tokens = self._tokens(logits.numel() // num_experts)
         if tokens is None:
-            return super().routing(logits, padding_mask)
+            return self._topk_routing(logits, padding_mask)
         ctx, segment, valid = tokens
         allowed = ctx.allowed.to(logits.device)[segment]              # [T, E]
         flat = logits.reshape(-1, num_experts)
         if not bool(allowed.all()):
             flat = flat.masked_fill(~allowed, float("-inf"))
-        probs, routing_map = super().routing(flat.view_as(logits), padding_mask)
+        probs, routing_map = self._topk_routing(flat.view_as(logits), padding_mask)
         with torch.no_grad():
             counts = torch.zeros(2, num_experts, device=logits.device)
             counts.index_add_(0, segment[valid], routing_map[valid].float())
