@@ -172,6 +172,8 @@ def test_frozen_pair_statistics_equal_the_online_ones_on_a_fixed_batch(frozen_as
     path = write_config(tmp_path, frozen_assets, "fixed", enabled=False)
     configs = {name: load_config(str(path), [f"discriminator.frozen={name == 'frozen'}"])
                for name in ("frozen", "online")}
+    configs["online_aux"] = load_config(str(path), ["discriminator.frozen=false",
+                                                      "discriminator.aux_loss_coef=0.5"])
     model_dir = configs["frozen"].model.hf_dir
     init_distributed(tp=1, pp=1, seed=0)
     try:
@@ -191,7 +193,7 @@ def test_frozen_pair_statistics_equal_the_online_ones_on_a_fixed_batch(frozen_as
         teachers = [pair_segments(p.teacher["teacher_caption"], p.teacher["teacher_cot"], tok,
                                   p.answer) for p in prompts]
         vision = vision_token_ids(AutoConfig.from_pretrained(model_dir))
-        out, moved = {}, {}
+        out, moved, routers = {}, {}, {}
         for name, cfg in configs.items():
             disc = Discriminator.for_alignment(cfg, total_steps=2, pad_id=tok.pad_token_id)
             disc.resume_at(0)
@@ -202,6 +204,8 @@ def test_frozen_pair_statistics_equal_the_online_ones_on_a_fixed_batch(frozen_as
             before = flat(disc.model)
             out[name] = disc.online_step(online_pairs(batch, teachers, step=0), group)
             moved[name] = float((flat(disc.model) - before).abs().max())
+            routers[name] = torch.cat([p.detach().flatten().clone() for n, p in
+                                       disc.model.named_parameters() if "router" in n])
     finally:
         destroy_distributed()
     frozen, online = out["frozen"], out["online"]
@@ -211,6 +215,12 @@ def test_frozen_pair_statistics_equal_the_online_ones_on_a_fixed_batch(frozen_as
     for key in PAIR_KEYS:
         assert frozen[key] == pytest.approx(online[key], abs=1e-6), key
     assert frozen["disc/gap_caption"] != 0.0 and frozen["disc/loss"] > 0
+    # discriminator.aux_loss_coef is wired into the alignment update: the same pairs, statistics
+    # and loss, but the routers get the load-balancing gradient too
+    aux = out["online_aux"]
+    assert aux["disc/loss"] == pytest.approx(online["disc/loss"], abs=1e-6)
+    assert online["disc/aux_loss"] == 0.0 and aux["disc/aux_loss"] > 0.5   # 1 at balance
+    assert float((routers["online_aux"] - routers["online"]).abs().max()) > 1e-7
 
 
 def test_the_warm_up_refuses_a_frozen_discriminator(frozen_assets, tmp_path):

@@ -375,10 +375,13 @@ class Discriminator:
         forward = pair_forward(lambda b: online_loss_fn(b, stats, d.score_reg, d.score_clip))
         if self.frozen:   # the same pairs and statistics, forward-only, no update
             out = self.eval_step(plan.batches, forward, plan.seq_length)
-        else:
+        else:   # discriminator.aux_loss_coef x the load-balancing loss, on the rows' loss weight
+            self.model.set_step_aux_scale(sum(int(b["real"].sum()) for b in plan.batches)
+                                          / len(plan.batches))
             out = self.trainer.train_step(plan.batches, forward, plan.seq_length)
         pair = stats.reduce()
-        grad_norm = {} if self.frozen else {"disc/grad_norm": out["grad_norm"]}
+        grad_norm = {} if self.frozen else {"disc/grad_norm": out["grad_norm"],
+                                            "disc/aux_loss": self.model.take_aux()}
         return {"disc/loss": out["loss"], **grad_norm,
                 "disc/acc_caption": pair["acc_caption"],
                 "disc/acc_reasoning": pair["acc_reasoning"],
