@@ -64,8 +64,8 @@ class Variant:
 
 VARIANTS = {
     "prism": Variant("PRISM: MoE 4x top-2, learned routing, both segments, online judge"),
-    "segment": Variant("segment-dedicated experts (4x top-1: 2 perception, 2 reasoning)",
-                       top_k=1, disc=("discriminator.expert_routing=segment",)),
+    "segment": Variant("segment-dedicated experts: 2 perception + 2 reasoning, a token uses "
+                       "both of its segment's", disc=("discriminator.expert_routing=segment",)),
     "dense": Variant("dense judge (1 expert)", num_experts=1, top_k=1),
     "caption_only": Variant("caption signal only", warmup_of="prism", align=(
         "algorithm.caption_weight=1.0", "algorithm.reasoning_weight=0.0")),
