@@ -347,14 +347,9 @@ class Study:
 
 # ------------------------------------------------------------------------------ the report
 
-HELDOUT = "test"
-REPORTED = ((f"{HELDOUT}/accuracy", "accuracy"),
-            (f"{HELDOUT}/perception_precision", "perception precision"),
-            (f"{HELDOUT}/perception_coverage", "perception coverage"),
-            (f"{HELDOUT}/reasoning_precision", "reasoning precision"),
-            (f"{HELDOUT}/answer_follows", "answer follows chain"),
-            ("nll/teacher/caption", "teacher-NLL caption"),
-            ("nll/teacher/reasoning", "teacher-NLL reasoning"))
+HELDOUT, REPORTED = demo.HELDOUT, demo.METRICS   # the demo's per-policy metrics
+PAIRED = ("accuracy", "perception precision", "reasoning precision", "teacher-NLL caption",
+          "teacher-NLL reasoning")                  # the paired table's rows
 
 
 def _row(result: dict | None, key: str) -> dict:
@@ -427,7 +422,7 @@ def report_markdown(report: dict) -> str:
     lines += ["", f"| paired difference (per seed {', '.join(map(str, seeds))}) | metric | "
               "mean ± std | per seed | t | p (sign-flip, exact) |", "|---|---|---|---|---|---|"]
     for name, by_metric in report["paired"].items():
-        for metric, label in REPORTED[:1] + REPORTED[5:]:
+        for metric, label in (m for m in REPORTED if m[1] in PAIRED):
             d = by_metric[metric]
             if d["mean"] is None:
                 continue

@@ -6,10 +6,15 @@ exactly. The same runs check the per-step observability metrics (score spread, f
 fidelity of the samples, teacher-NLL probe)."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from align_step import fixed_rollout  # noqa: E402  (the hand-written batch of tests/dist)
 
 PAIR_KEYS = ("disc/acc_caption", "disc/acc_reasoning", "disc/gap_caption", "disc/gap_reasoning",
              "disc/loss", "disc/pairs")
@@ -157,18 +162,11 @@ def test_frozen_pair_statistics_equal_the_online_ones_on_a_fixed_batch(frozen_as
 
     from prism_megatron.config import load_config
     from prism_megatron.data.encode import load_processor
-    from prism_megatron.data.rl import load_rl_prompts
     from prism_megatron.data.segments import pair_segments
     from prism_megatron.distributed import destroy_distributed, init_distributed
     from prism_megatron.rl.batch import RolloutBatch
     from prism_megatron.rl.discriminator import Discriminator, online_pairs, vision_token_ids
-    from prism_megatron.rollout.base import Sample
 
-    texts = ["<caption>- a grid of coloured cells\n- red and blue cells</caption>\n"
-             "<think>Count the red cells: there are 2.</think>\n<answer>{a}</answer>",
-             "<think>no caption here</think>\n<answer>{a}</answer>",
-             "<caption>grid</caption><think>{a}</think><answer>{a}</answer>",
-             "<caption>grid</caption><think>x</think><answer>{a}</answer> and more text"]
     path = write_config(tmp_path, frozen_assets, "fixed", enabled=False)
     configs = {name: load_config(str(path), [f"discriminator.frozen={name == 'frozen'}"])
                for name in ("frozen", "online")}
@@ -179,17 +177,7 @@ def test_frozen_pair_statistics_equal_the_online_ones_on_a_fixed_batch(frozen_as
     try:
         processor = load_processor(model_dir)
         tok = processor.tokenizer
-        dataset, _ = load_rl_prompts(configs["frozen"].data.train_files, processor,
-                                     max_prompt_length=512,
-                                     require=("teacher_caption", "teacher_cot"), progress=False)
-        prompts = dataset[:2]
-        samples, group = [], []
-        for g, prompt in enumerate(prompts):
-            for text in texts:
-                ids = tok(text.format(a=prompt.answer) + "<|im_end|>",
-                          add_special_tokens=False)["input_ids"]
-                samples.append(Sample(ids, [0.0] * len(ids), text, "stop"))
-                group.append(g)
+        prompts, samples, group = fixed_rollout(configs["frozen"], processor)
         teachers = [pair_segments(p.teacher["teacher_caption"], p.teacher["teacher_cot"], tok,
                                   p.answer) for p in prompts]
         vision = vision_token_ids(AutoConfig.from_pretrained(model_dir))

@@ -38,21 +38,28 @@ def flat_weights(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
 
+def fixed_rollout(cfg, processor):
+    """(prompts, samples, group): the first two alignment prompts, each with the four TEXTS."""
+    tok = processor.tokenizer
+    dataset, _ = load_rl_prompts(cfg.data.train_files, processor, max_prompt_length=512,
+                                 require=("teacher_caption", "teacher_cot"), progress=False)
+    prompts = dataset[:2]
+    samples, group = [], []
+    for g, prompt in enumerate(prompts):
+        for text in TEXTS:
+            ids = tok(text.format(a=prompt.answer) + "<|im_end|>",
+                      add_special_tokens=False)["input_ids"]
+            samples.append(Sample(ids, [0.0] * len(ids), text, "stop"))
+            group.append(g)
+    return prompts, samples, group
+
+
 def main(config: str, out: str) -> None:
     cfg = load_config(config)
     with stage_session(cfg, "align", tp=1, pp=1) as session:
         processor = session.processor()
         tok = processor.tokenizer
-        dataset, _ = load_rl_prompts(cfg.data.train_files, processor, max_prompt_length=512,
-                                     require=("teacher_caption", "teacher_cot"), progress=False)
-        prompts = dataset[:2]
-        samples, group = [], []
-        for g, prompt in enumerate(prompts):
-            for text in TEXTS:
-                ids = tok(text.format(a=prompt.answer) + "<|im_end|>",
-                          add_special_tokens=False)["input_ids"]
-                samples.append(Sample(ids, [0.0] * len(ids), text, "stop"))
-                group.append(g)
+        prompts, samples, group = fixed_rollout(cfg, processor)
         worker = Policy(cfg, processor, total_steps=2)
         disc = Discriminator.for_alignment(cfg, total_steps=2, pad_id=tok.pad_token_id)
         disc.resume_at(0)
