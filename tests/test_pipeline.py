@@ -221,3 +221,25 @@ def test_benchmarks_after_each_rl_stage_export_evaluate_and_fill_the_results(tmp
     assert "| policy | mathvista | mmmu | average |" in text
     assert "| SFT -> PRISM -> RLVR | 60.00 | 50.00 | 55.00 |" in text
     assert "| SFT -> RLVR | 55.00 | — | 55.00 |" in text
+
+
+def test_shared_stages_are_read_from_their_own_work_dirs(tmp_path):
+    """``shared`` maps a stage to the work_dir that ran it (the demo and the study share SFT and
+    warm-ups between chains): its paths and marker are that dir's, and it is never run here."""
+    from prism_megatron.errors import PrismError
+    from prism_megatron.pipeline import Pipeline, PipelineConfig
+
+    cfg = PipelineConfig(work_dir=str(tmp_path / "here"), hf_dir="model",
+                         shared={"sft": str(tmp_path / "a"), "warmup": str(tmp_path / "b")})
+    pipe = Pipeline(cfg, log=lambda line: None)
+    assert pipe.dir("sft") == tmp_path / "a" / "sft" and pipe.ckpt("warmup") == \
+        str(tmp_path / "b" / "warmup" / "ckpt")
+    assert pipe.dir("align") == tmp_path / "here" / "align"
+    assert not pipe.will_run("sft") and "model.megatron_dir=" + str(tmp_path / "a" / "sft" / "ckpt") \
+        in pipe.command("align")
+    with pytest.raises(PrismError, match="shared from .*/a, where it has not finished"):
+        pipe.step("sft")
+    (tmp_path / "a" / "sft").mkdir(parents=True)
+    (tmp_path / "a" / "sft" / "done.json").write_text('{"seconds": 3}')
+    pipe.step("sft")
+    assert pipe.status["sft"] == {"status": "shared", "seconds": 3}
