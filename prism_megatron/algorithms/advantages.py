@@ -181,11 +181,12 @@ def group_spread(
 
     spreads: dict[str, list[float]] = {"caption": [], "reasoning": []}
     flat = 0
-    adv = advantages.detach().cpu().to(torch.float64)
+    adv, caption, reasoning = (x.detach().cpu().to(torch.float64)
+                               for x in (advantages, caption_scores, reasoning_scores))
     for g in range(num_groups):
         members = index == g
-        for name, scores in (("caption", caption_scores), ("reasoning", reasoning_scores)):
-            kept = scores.detach().cpu().to(torch.float64)[members & ok]
+        for name, scores in (("caption", caption), ("reasoning", reasoning)):
+            kept = scores[members & ok]
             if kept.numel() > 1:
                 spreads[name].append(std(kept))
         flat += std(adv[members]) < eps

@@ -110,13 +110,13 @@ def check_config(cfg: PipelineConfig) -> None:
               "prism_rlvr": (cfg.rlvr, "data.rl_file", cfg.data.rl_file),
               "baseline_rlvr": (cfg.rlvr, "data.rl_file", cfg.data.rl_file)}
     for stage, (spec, key, value) in needed.items():
-        if selected(cfg, stage) and not spec.skip and not shared_dir(cfg, stage):
+        if selected(cfg, stage) and not spec.skip and stage not in cfg.shared:
             if not value:
                 raise ConfigError(f"{key} is empty (stage {stage} needs it)")
     for name, stages in (("sft", ("sft",)), ("warmup", ("warmup",)), ("align", ("align",)),
                          ("rlvr", ("prism_rlvr", "baseline_rlvr"))):
         spec = getattr(cfg, name)
-        wanted = [s for s in stages if selected(cfg, s) and not shared_dir(cfg, s)]
+        wanted = [s for s in stages if selected(cfg, s) and s not in cfg.shared]
         if wanted and not spec.skip and not spec.config:
             raise ConfigError(f"{name}.config is empty: the stage's YAML, e.g. "
                               f"examples/tiny/{'rlvr_grpo' if name == 'rlvr' else name}.yaml")
@@ -126,11 +126,6 @@ def check_config(cfg: PipelineConfig) -> None:
         raise ConfigError("data.test_files is empty: the held-out files of the results table")
     if cfg.pairs.heldout_rows < 1 or cfg.pairs.samples < 1:
         raise ConfigError("pairs.heldout_rows and pairs.samples must be >= 1")
-
-
-def shared_dir(cfg: PipelineConfig, stage: str) -> str:
-    """The work_dir whose finished ``stage`` this pipeline reuses ("" when it runs it itself)."""
-    return cfg.shared.get(stage, "")
 
 
 def selected(cfg: PipelineConfig, stage: str) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 from prism_megatron.distributed import free_port
 from prism_megatron.errors import PrismError
 from prism_megatron.pipeline.config import (
-    BENCHMARK_STAGES, NEEDS, POLICY_STAGES, STAGES, PipelineConfig, selected, shared_dir)
+    BENCHMARK_STAGES, NEEDS, POLICY_STAGES, STAGES, PipelineConfig, selected)
 from prism_megatron.pipeline.results import write_results
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,8 +38,9 @@ class Pipeline:
         self.status: dict[str, dict] = {}
 
     def dir(self, stage: str) -> Path:
-        shared = shared_dir(self.cfg, stage)
-        return Path(shared).resolve() / stage if shared else self.work / stage
+        if stage in self.cfg.shared:
+            return Path(self.cfg.shared[stage]).resolve() / stage
+        return self.work / stage
 
     def marker(self, stage: str) -> dict | None:
         path = self.dir(stage) / "done.json"
@@ -123,7 +124,7 @@ class Pipeline:
                         raise PrismError(f"{key}: {p} does not exist")
 
     def will_run(self, stage: str) -> bool:
-        return (selected(self.cfg, stage) and not shared_dir(self.cfg, stage)
+        return (selected(self.cfg, stage) and stage not in self.cfg.shared
                 and not getattr(self.spec(stage), "skip", False) and self.marker(stage) is None)
 
     def run(self) -> dict:
@@ -168,10 +169,10 @@ class Pipeline:
     def step(self, stage: str) -> None:
         say = lambda text: self.log(f"[pipeline] {stage:<13} {text}")   # noqa: E731
         done = self.marker(stage)
-        if shared_dir(self.cfg, stage):
+        if stage in self.cfg.shared:
             if done is None:
-                raise PrismError(f"stage {stage} is shared from {shared_dir(self.cfg, stage)}, where it "
-                                 "has not finished (run that pipeline first)")
+                raise PrismError(f"stage {stage} is shared from {self.cfg.shared[stage]}, where "
+                                 "it has not finished (run that pipeline first)")
             self.status[stage] = {"status": "shared", "seconds": done.get("seconds")}
             return say(f"shared: done in {self.dir(stage)}")
         if done is not None:
